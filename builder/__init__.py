@@ -1,0 +1,1 @@
+"""From a parsed Dockerfile to an OCI image: build graph, sandboxed steps, layers, export."""

@@ -1,0 +1,1 @@
+"""Content-addressed blob store and the index from step cache keys to layers."""

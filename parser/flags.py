@@ -1,0 +1,208 @@
+"""Instruction flags: which flags each instruction takes, and reading their values.
+
+BuildKit's rules: a boolean flag may be bare (`--link`) or `=true|false`; a string flag
+needs `=value`; only list flags may repeat.  Anything else is an error naming the flag.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import enum
+from dataclasses import dataclass
+
+
+class Kind(enum.Enum):
+    BOOL = "boolean"
+    STRING = "string"
+    LIST = "list"
+
+
+FLAGS: dict[str, dict[str, Kind]] = {
+    "from": {"platform": Kind.STRING},
+    "run": {"mount": Kind.LIST, "network": Kind.STRING, "security": Kind.STRING, "device": Kind.LIST},
+    "copy": {
+        "from": Kind.STRING,
+        "chown": Kind.STRING,
+        "chmod": Kind.STRING,
+        "link": Kind.BOOL,
+        "parents": Kind.BOOL,
+        "exclude": Kind.LIST,
+    },
+    "add": {
+        "chown": Kind.STRING,
+        "chmod": Kind.STRING,
+        "link": Kind.BOOL,
+        "keep-git-dir": Kind.BOOL,
+        "checksum": Kind.STRING,
+        "unpack": Kind.BOOL,
+        "exclude": Kind.LIST,
+    },
+    "healthcheck": {
+        "interval": Kind.STRING,
+        "timeout": Kind.STRING,
+        "start-period": Kind.STRING,
+        "start-interval": Kind.STRING,
+        "retries": Kind.STRING,
+    },
+}
+
+
+class FlagError(Exception):
+    """A bad flag; ``index`` says which of the instruction's flags, for the error position."""
+
+    def __init__(self, message: str, index: int, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message, self.index, self.hint = message, index, hint
+
+
+@dataclass(frozen=True)
+class FlagValues:
+    """The flags an instruction was given: ``values`` by name, ``index`` of each among the flags."""
+
+    values: dict[str, bool | str | list[str]]
+    index: dict[str, int]
+
+    def get(self, name: str, default=None):
+        return self.values.get(name, default)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+    def __getitem__(self, name: str):
+        return self.values[name]
+
+
+def read_flags(keyword: str, flags: tuple[str, ...]) -> FlagValues:
+    """The values of ``flags`` (each ``--name[=value]``) for ``keyword``."""
+    allowed = FLAGS.get(keyword, {})
+    values: dict[str, bool | str | list[str]] = {}
+    where: dict[str, int] = {}
+    for index, flag in enumerate(flags):
+        name, has_value, value = flag[2:].partition("=")
+        kind = allowed.get(name)
+        if kind is None:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"did you mean --{close[0]}?" if close else None
+            if not allowed:
+                hint = f"{keyword.upper()} takes no flags"
+            raise FlagError(f"unknown flag: --{name}", index, hint)
+        if name in values and kind is not Kind.LIST:
+            raise FlagError(f"duplicate flag specified: --{name}", index)
+        where.setdefault(name, index)
+        if kind is Kind.BOOL:
+            if not has_value:
+                values[name] = True
+            elif value.lower() in ("true", "false"):
+                values[name] = value.lower() == "true"
+            elif not value:
+                raise FlagError(f"missing a value on flag: --{name}", index)
+            else:
+                raise FlagError(f"expecting boolean value for flag --{name}, not: {value}", index)
+        elif not has_value:
+            raise FlagError(f"missing a value on flag: --{name}", index, hint=f"write --{name}=VALUE")
+        elif kind is Kind.LIST:
+            values.setdefault(name, [])
+            values[name].append(value)  # type: ignore[union-attr]
+        else:
+            values[name] = value
+    return FlagValues(values, where)
+
+
+# --- RUN --mount -------------------------------------------------------------------------
+
+MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret", "ssh")
+_MOUNT_KEY_ALIASES = {
+    "src": "source",
+    "dst": "target",
+    "destination": "target",
+    "ro": "readonly",
+    "rw": "readwrite",
+}
+_MOUNT_KEYS = {"type", "target", "source", "from", "readonly", "readwrite", "id", "sharing", "required", "size"}
+_MOUNT_KEYS |= {"mode", "uid", "gid", "env"}
+_BARE_MOUNT_KEYS = {"readonly", "readwrite", "required"}
+# Keys BuildKit accepts only for some mount types.
+_MOUNT_KEY_TYPES = {
+    "sharing": ("cache",),
+    "required": ("secret", "ssh"),
+    "size": ("tmpfs",),
+    "mode": ("secret", "ssh", "cache"),
+    "uid": ("secret", "ssh", "cache"),
+    "gid": ("secret", "ssh", "cache"),
+}
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One `RUN --mount=...`. Values are as written; `$VAR` in them is expanded at build time."""
+
+    type: str = "bind"
+    target: str | None = None
+    source: str | None = None
+    from_: str | None = None
+    readonly: bool | None = None  # None: the type's default (bind, secret, ssh read-only)
+    id: str | None = None
+    sharing: str | None = None
+    required: bool | None = None
+    size: str | None = None
+    mode: str | None = None
+    uid: str | None = None
+    gid: str | None = None
+    env: str | None = None
+
+
+class MountError(ValueError):
+    pass
+
+
+def parse_mount(value: str) -> Mount:
+    """Read a `--mount` CSV value such as ``type=cache,target=/root/.cache,sharing=locked``."""
+    try:
+        fields = next(csv.reader([value]), [])
+    except csv.Error as exc:
+        raise MountError(f"invalid mount {value!r}: {exc}") from None
+    options: dict[str, str | bool] = {}
+    for field in fields:
+        key, has_value, val = field.partition("=")
+        key = _MOUNT_KEY_ALIASES.get(key.strip().lower(), key.strip().lower())
+        if key not in _MOUNT_KEYS:
+            raise MountError(f"unexpected key {key!r} in {field!r}")
+        if not has_value and key not in _BARE_MOUNT_KEYS:
+            raise MountError(f"invalid field {field!r}: mount options need key=value")
+        if key in _BARE_MOUNT_KEYS:
+            if not has_value:
+                options[key] = True
+            elif val.lower() in ("true", "false"):
+                options[key] = val.lower() == "true"
+            else:
+                raise MountError(f"invalid value for {key}: {val!r} (expected true or false)")
+        else:
+            options[key] = val
+    mount_type = str(options.pop("type", "bind")).lower()
+    if mount_type not in MOUNT_TYPES:
+        raise MountError(f"unsupported mount type {mount_type!r} (one of {', '.join(MOUNT_TYPES)})")
+    for key, types in _MOUNT_KEY_TYPES.items():
+        if key in options and mount_type not in types:
+            raise MountError(f"unexpected key {key!r} for mount type {mount_type}")
+    if "readwrite" in options:
+        if "readonly" in options:
+            raise MountError("a mount cannot be both readonly and readwrite")
+        options["readonly"] = not options.pop("readwrite")
+    if "sharing" in options and options["sharing"] not in ("shared", "private", "locked"):
+        raise MountError(f"unsupported sharing value {options['sharing']!r} (shared, private or locked)")
+    source_from = options.get("from")
+    if isinstance(source_from, str) and "$" in source_from[:-1]:
+        raise MountError("'from' doesn't support variable expansion, define an alias stage instead")
+    if mount_type == "secret":
+        if "from" in options:
+            raise MountError("secret mounts do not take 'from'")
+        if not ({"source", "target", "id"} & options.keys()):
+            raise MountError("a secret mount needs an id, a source or a target")
+        if "source" in options and "id" in options:
+            raise MountError("a secret mount cannot have both source and id")
+    elif mount_type != "ssh" and not options.get("target"):
+        raise MountError(f"a {mount_type} mount needs a target")
+    if "from" in options:
+        options["from_"] = options.pop("from")
+    return Mount(type=mount_type, **options)  # type: ignore[arg-type]
