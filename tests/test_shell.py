@@ -6,6 +6,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from parser.errors import PybuildError, ShellExpansionError
 from parser.shell import ShellLexer, expand_word, expand_words, split_heredoc_words
@@ -399,6 +401,20 @@ def test_convenience_functions() -> None:
     assert expand_words("$A-'$A'", {"A": "a b"}) == ["a", "b-$A"]
     assert expand_word("`$A", {"A": "x"}, escape="`") == "$A"
     assert expand_words("x`  y", {}, escape="`") == ["x ", "y"]
+
+
+@given(st.text(alphabet="ab $${}:-+?#%/\\`'\"\t*<\u3000\ufeff", max_size=24))
+def test_any_text_expands_or_fails_with_a_shell_error(word: str) -> None:
+    env = {"a": "x y", "b": ""}
+    heredoc_mode = ShellLexer(raw_quotes=True, raw_escapes=True, skip_unset=True)
+    for lexer in (ShellLexer(), ShellLexer("`"), heredoc_mode):
+        try:
+            result = lexer.process_word(word, env)
+            words = lexer.process_words(word, env)
+        except ShellExpansionError:
+            continue
+        assert "" not in words
+        assert lexer.process_word_with_matches(word, env)[0] == result
 
 
 # --- Heredoc detection ---------------------------------------------------------------------------------
