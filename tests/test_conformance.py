@@ -11,25 +11,28 @@ from parser import DockerfileSyntaxError, dump, parse_raw
 PARSER = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "parser"
 
 
-def _cases(folder: str) -> list[Path]:
+def _cases(folder: str) -> list:
     where = PARSER / folder
-    return sorted(p for p in where.iterdir() if p.is_dir()) if where.is_dir() else []
+    if not where.is_dir():
+        reason = f"BuildKit conformance data not found at {where}; it lives beside the checkout"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason), id="corpus-absent")]
+    return [pytest.param(p, id=p.name) for p in sorted(where.iterdir()) if p.is_dir()]
 
 
-@pytest.mark.parametrize("case", _cases("testfiles"), ids=lambda p: p.name)
+@pytest.mark.parametrize("case", _cases("testfiles"))
 def test_dump_matches_buildkit(conformance_dir: Path, case: Path) -> None:
     source = (case / "Dockerfile").read_bytes()
     expected = (case / "result").read_bytes().decode("utf-8").replace("\r\n", "\n")
     assert dump(parse_raw(source)) + "\n" == expected
 
 
-@pytest.mark.parametrize("case", _cases("testfiles"), ids=lambda p: p.name)
+@pytest.mark.parametrize("case", _cases("testfiles"))
 def test_crlf_parses_like_lf(conformance_dir: Path, case: Path) -> None:
     source = (case / "Dockerfile").read_bytes()
     assert dump(parse_raw(source.replace(b"\n", b"\r\n"))) == dump(parse_raw(source))
 
 
-@pytest.mark.parametrize("case", _cases("testfiles-negative"), ids=lambda p: p.name)
+@pytest.mark.parametrize("case", _cases("testfiles-negative"))
 def test_negative_case_is_rejected(conformance_dir: Path, case: Path) -> None:
     with pytest.raises(DockerfileSyntaxError):
         parse_raw((case / "Dockerfile").read_bytes())
