@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
+from parser.errors import ShellExpansionError
 from parser.flags import Mount
 from parser.instructions import (
     Add,
@@ -59,10 +60,14 @@ class _Expander:
         return self.lexer.process_words(text, self.env)
 
     def heredoc(self, heredoc: Heredoc) -> Heredoc:
-        """An inline file's body: `$VAR` expanded unless the delimiter was quoted; quotes stay."""
+        """An inline file's body: `$VAR` expanded unless the delimiter was quoted.
+
+        As BuildKit's ExpandRaw: quotes are ordinary characters (`'$X'` is expanded too), and a backslash,
+        whatever the escape directive says, escapes the next character and is removed (`\\$X` gives `$X`).
+        """
         if not heredoc.expand:
             return heredoc
-        lexer = ShellLexer(self.escape, raw_quotes=True, raw_escapes=True)
+        lexer = ShellLexer("\\", skip_process_quotes=True)
         content, matched, unmatched = lexer.process_word_with_matches(heredoc.content, self.env)
         self.used |= matched | unmatched
         return replace(heredoc, content=content)
@@ -137,7 +142,12 @@ def expand(instruction: Instruction, env: Mapping[str, str], escape: str = "\\")
     if expander is None:
         return Expanded(instruction, frozenset())
     state = _Expander(env, escape)
-    return Expanded(expander(state, instruction), frozenset(state.used))
+    try:
+        return Expanded(expander(state, instruction), frozenset(state.used))
+    except ShellExpansionError as exc:
+        if exc.location is not None:
+            raise
+        raise ShellExpansionError(exc.message, instruction.location, hint=exc.hint) from None
 
 
 def expands(instruction_type: type) -> bool:

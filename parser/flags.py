@@ -122,6 +122,10 @@ _MOUNT_KEY_ALIASES = {
 _MOUNT_KEYS = {"type", "target", "source", "from", "readonly", "readwrite", "id", "sharing", "required", "size"}
 _MOUNT_KEYS |= {"mode", "uid", "gid", "env"}
 _BARE_MOUNT_KEYS = {"readonly", "readwrite", "required"}
+# The values Go's strconv.ParseBool accepts, which BuildKit uses for these keys.
+_GO_BOOLS = {v: True for v in ("1", "t", "T", "TRUE", "true", "True")} | {
+    v: False for v in ("0", "f", "F", "FALSE", "false", "False")
+}
 # Keys BuildKit accepts only for some mount types.
 _MOUNT_KEY_TYPES = {
     "sharing": ("cache",),
@@ -159,7 +163,7 @@ class MountError(ValueError):
 def parse_mount(value: str) -> Mount:
     """Read a `--mount` CSV value such as ``type=cache,target=/root/.cache,sharing=locked``."""
     try:
-        fields = next(csv.reader([value]), [])
+        fields = next(csv.reader([value], strict=True), [])  # Go rejects an unclosed quote too
     except csv.Error as exc:
         raise MountError(f"invalid mount {value!r}: {exc}") from None
     options: dict[str, str | bool] = {}
@@ -173,8 +177,8 @@ def parse_mount(value: str) -> Mount:
         if key in _BARE_MOUNT_KEYS:
             if not has_value:
                 options[key] = True
-            elif val.lower() in ("true", "false"):
-                options[key] = val.lower() == "true"
+            elif val in _GO_BOOLS:
+                options[key] = _GO_BOOLS[val]
             else:
                 raise MountError(f"invalid value for {key}: {val!r} (expected true or false)")
         else:

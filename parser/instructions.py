@@ -238,7 +238,7 @@ KEYWORDS = [
     "onbuild",
 ]
 _STAGE_NAME = re.compile(r"^[a-z][a-z0-9_.-]*$")
-_DURATION_PART = re.compile(r"(\d*\.?\d*)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION_PART = re.compile(r"([0-9]*)(?:\.([0-9]*))?(ns|us|µs|μs|ms|s|m|h)")
 _DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "μs": 1_000, "ms": 1_000_000, "s": 10**9, "m": 60 * 10**9}
 _DURATION_UNITS["h"] = 3600 * 10**9
 
@@ -303,11 +303,12 @@ class _Converter:
                 node, "RUN requires at least one argument", hint='RUN <command> or RUN ["executable", ...]'
             )
         mounts = []
-        for value in flags.get("mount", []):
+        mount_flags = [i for i, f in enumerate(node.flags) if f[2:].partition("=")[0] == "mount"]
+        for value, index in zip(flags.get("mount", []), mount_flags, strict=True):
             try:
                 mounts.append(parse_mount(value))
             except MountError as exc:
-                raise self.flag_error(node, flags, "mount", f"--mount: {exc}") from None
+                raise self.error(node, f"--mount: {exc}", node.flag_offsets[index]) from None
         network = flags.get("network")
         if network is not None and network not in ("default", "none", "host"):
             raise self.flag_error(
@@ -482,7 +483,7 @@ class _Converter:
         if kind == "NONE":
             if len(node.args) > 1:
                 raise self.arg_error(node, 1, "HEALTHCHECK NONE takes no arguments")
-            if node.flags:
+            if node.flags:  # BuildKit ignores them; a flag that does nothing is an error here
                 raise self.error(node, "HEALTHCHECK NONE takes no flags", node.flag_offsets[0])
             return Healthcheck(command=None, **common)
         if kind != "CMD":
@@ -495,12 +496,10 @@ class _Converter:
                 durations[name.replace("-", "_")] = self._duration(node, flags, name)
         retries = None
         if "retries" in flags:
-            try:
-                retries = int(flags["retries"])
-            except ValueError:
-                raise self.flag_error(
-                    node, flags, "retries", f"--retries must be a whole number, not {flags['retries']!r}"
-                ) from None
+            value = flags["retries"]  # as Go's strconv.ParseInt(value, 10, 32)
+            if not re.fullmatch(r"[+-]?0*[0-9]{1,10}", value) or not -(2**31) <= int(value) < 2**31:
+                raise self.flag_error(node, flags, "retries", f"--retries must be a whole number, not {value!r}")
+            retries = int(value)
             if retries < 0:
                 raise self.flag_error(node, flags, "retries", f"--retries cannot be negative ({retries})")
         return Healthcheck(command=Command(node.args[1:], node.json_form), retries=retries, **durations, **common)
@@ -521,13 +520,18 @@ class _Converter:
         if trigger is None:
             raise self.error(node, "ONBUILD requires at least one argument", hint="ONBUILD <instruction>")
         if trigger.keyword in ("onbuild", "from", "maintainer"):
-            what = "Chaining ONBUILD via `ONBUILD ONBUILD`" if trigger.keyword == "onbuild" else trigger.keyword.upper()
-            raise self.error(node, f"{what} isn't allowed as an ONBUILD trigger", trigger.keyword_offset)
+            message = (
+                "Chaining ONBUILD via `ONBUILD ONBUILD` isn't allowed"
+                if trigger.keyword == "onbuild"
+                else f"{trigger.keyword.upper()} isn't allowed as an ONBUILD trigger"
+            )
+            raise self.error(node, message, trigger.keyword_offset)
         assert node.line is not None
         trigger = replace(trigger, line=node.line)
         return Onbuild(
             trigger=self.instruction(trigger),
-            expression=node.line.text[trigger.keyword_offset :],
+            expression=node.line.text[trigger.keyword_offset :]
+            + "".join(f"\n{h.content}{h.name}" for h in node.line.heredocs),
             **common,
         )
 
@@ -536,13 +540,20 @@ def parse_duration(text: str) -> int | None:
     """A Go duration (``1m30s``, ``500ms``, ``0``) in nanoseconds, or None if malformed."""
     if text == "0":
         return 0
-    total, position = 0.0, 0
+    total, position = 0, 0
     for match in _DURATION_PART.finditer(text):
-        if match.start() != position or match.group(1) in ("", "."):
+        whole, fraction, unit = match.groups()
+        if match.start() != position or not (whole or fraction) or len(whole.lstrip("0")) > 19:
             return None
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        scale = _DURATION_UNITS[unit]
+        total += int(whole or 0) * scale
+        if fraction:  # as Go does: integer digits exactly, the fraction through a float64
+            fraction = fraction[:18]
+            total += int(int(fraction) * (scale / 10 ** len(fraction)))
         position = match.end()
-    return int(total) if position == len(text) and position > 0 else None
+    if position != len(text) or position == 0 or total > 2**63 - 1:
+        return None
+    return total
 
 
 _SYMBOLIC_MODE = re.compile(r"^[ugoa]*[-+=][rwxXst]*(?:,[ugoa]*[-+=][rwxXst]*)*$")

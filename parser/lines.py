@@ -13,16 +13,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from parser.errors import DockerfileSyntaxError, ShellExpansionError, SourceRange
-from parser.shell import ShellLexer, split_heredoc_words
+from parser.shell import UNICODE_SPACE, ShellLexer, split_heredoc_words
 
-# Go's unicode.IsSpace, which BuildKit uses to trim lines; Python's str.isspace() differs.
-UNICODE_SPACE = "\t\n\v\f\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B)))
-UNICODE_SPACE += "\u2028\u2029\u202f\u205f\u3000"
 MAX_LINE_BYTES = 65535
 KNOWN_DIRECTIVES = ("syntax", "escape", "check")
 
 _DIRECTIVE = re.compile(r"#[\t\n\f\r ]*([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\f\r ]*(.+?)[\t\n\f\r ]*$", re.S)
-_HEREDOC_WORD = re.compile(r"(\d*)<<(-?)[\t\n\f\r ]*([^<]*)", re.S)
+_HEREDOC_WORD = re.compile(r"([0-9]*)<<(-?)[\t\n\f\r ]*([^<]*)", re.S)  # Go's \d and \s are ASCII
 
 
 @dataclass(frozen=True)
@@ -245,7 +242,8 @@ def parse_heredoc_word(word: str) -> tuple[int, bool, str, bool] | None:
     name = words[0]
     quotes = name.count("'") + name.count('"')
     raw_quotes = raw[0].count("'") + raw[0].count('"')
-    return int(fd or 0), chomp == "-", name, quotes == raw_quotes
+    # Go's ParseUint saturates at the largest uint64 (and its error is ignored); no huge int() here.
+    return min(int(fd.lstrip("0")[:21] or 0), 2**64 - 1), chomp == "-", name, quotes == raw_quotes
 
 
 def _read_heredocs(source: SourceLines, text: str, start: int, index: int) -> tuple[tuple[Heredoc, ...], int]:
@@ -265,10 +263,11 @@ def _read_heredocs(source: SourceLines, text: str, start: int, index: int) -> tu
         body = []
         while True:
             if index >= len(physical):
+                first = source.text_of(start)
                 raise source.error(
                     f"unterminated heredoc: no line {name!r} before the end of the file",
                     start,
-                    source.text_of(start).find("<<") + 1 or 1,
+                    first.find(word) + 1 or first.find("<<") + 1 or 1,
                     hint=f"end the heredoc with a line holding only {name}",
                 )
             line = physical[index]

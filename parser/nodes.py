@@ -15,11 +15,10 @@ from functools import cache
 from importlib import resources
 
 from lark import Lark, Token, Transformer
-from lark.exceptions import UnexpectedInput, VisitError
+from lark.exceptions import UnexpectedInput
 
 from parser.errors import DockerfileSyntaxError, PybuildError, SourceRange
 from parser.lines import (
-    UNICODE_SPACE,
     Directive,
     Heredoc,
     LogicalLine,
@@ -28,6 +27,7 @@ from parser.lines import (
     logical_lines,
     read_source,
 )
+from parser.shell import UNICODE_SPACE
 
 HEREDOC_KEYWORDS = frozenset({"run", "copy", "add"})
 _ASCII_BLANKS = re.compile(r"[ \t\v\f\r]+")
@@ -152,7 +152,7 @@ class _Grammar:
             self._builder.source = text + "\n"
             try:
                 return self._lark.parse(text + "\n", start="line")
-            except (UnexpectedInput, VisitError, _NodeError) as exc:
+            except (UnexpectedInput, _NodeError) as exc:
                 raise DockerfileSyntaxError(str(exc)) from None
 
     def parse_file(self, lines: list[LogicalLine], source: SourceLines) -> list[RawNode]:
@@ -162,9 +162,12 @@ class _Grammar:
             try:
                 return self._lark.parse(text, start="start")
             except _NodeError as exc:
-                raise _at(exc, lines, source) from None
-            except VisitError as exc:
-                raise _at(exc.orig_exc, lines, source) from None
+                physical, column = lines[exc.line - 1].position(exc.offset)
+                raise DockerfileSyntaxError(
+                    exc.message,
+                    SourceRange(source.filename, physical, physical, column),
+                    source_line=source.text_of(physical),
+                ) from None
             except UnexpectedInput as exc:
                 line = lines[exc.line - 1]
                 physical, column = line.position(exc.column - 1)
@@ -183,15 +186,6 @@ class _NodeError(Exception):
     def __init__(self, message: str, token: Token) -> None:
         super().__init__(message)
         self.message, self.line, self.offset = message, token.line, token.column - 1
-
-
-def _at(exc: BaseException, lines: list[LogicalLine], source: SourceLines) -> BaseException:
-    if not isinstance(exc, _NodeError):
-        return exc
-    physical, column = lines[exc.line - 1].position(exc.offset)
-    return DockerfileSyntaxError(
-        exc.message, SourceRange(source.filename, physical, physical, column), source_line=source.text_of(physical)
-    )
 
 
 @cache

@@ -14,13 +14,13 @@ from functools import cache, lru_cache
 from parser.errors import ShellExpansionError
 
 # Go's unicode.IsSpace; Python's str.isspace() also accepts U+001C..U+001F, which BuildKit does not split on.
-_SPACE = (
+UNICODE_SPACE = (
     "\t\n\v\f\r \x85\xa0\u1680"
     "\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a"
     "\u2028\u2029\u202f\u205f\u3000"
 )
-_SPACE_SET = frozenset(_SPACE)
-_SPACE_CLASS = "".join(map(re.escape, _SPACE))
+_SPACE_SET = frozenset(UNICODE_SPACE)
+_SPACE_CLASS = "".join(map(re.escape, UNICODE_SPACE))
 _RUNS = re.compile(f"[{_SPACE_CLASS}]+|[^{_SPACE_CLASS}]+")
 _HEREDOC_BLANKS = " \t"
 _SPECIAL_PARAMS = frozenset("@*#?-$!0")
