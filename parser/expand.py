@@ -86,30 +86,24 @@ def _from(x: _Expander, i: From) -> From:
     return replace(i, image=x.word(i.image), platform=x.optional(i.platform))
 
 
+def _file_fields(x: _Expander, i: Copy | Add) -> dict:
+    """The fields COPY and ADD share."""
+    return {
+        "sources": tuple(x.word(s) for s in i.sources),
+        "dest": x.word(i.dest),
+        "source_contents": tuple(x.heredoc(h) for h in i.source_contents),
+        "chown": x.optional(i.chown),
+        "chmod": x.optional(i.chmod),
+        "excludes": tuple(x.word(e) for e in i.excludes),
+    }
+
+
 def _copy(x: _Expander, i: Copy) -> Copy:
-    return replace(
-        i,
-        sources=tuple(x.word(s) for s in i.sources),
-        dest=x.word(i.dest),
-        source_contents=tuple(x.heredoc(h) for h in i.source_contents),
-        from_=x.optional(i.from_),
-        chown=x.optional(i.chown),
-        chmod=x.optional(i.chmod),
-        excludes=tuple(x.word(e) for e in i.excludes),
-    )
+    return replace(i, **_file_fields(x, i), from_=x.optional(i.from_))
 
 
 def _add(x: _Expander, i: Add) -> Add:
-    return replace(
-        i,
-        sources=tuple(x.word(s) for s in i.sources),
-        dest=x.word(i.dest),
-        source_contents=tuple(x.heredoc(h) for h in i.source_contents),
-        chown=x.optional(i.chown),
-        chmod=x.optional(i.chmod),
-        checksum=x.optional(i.checksum),
-        excludes=tuple(x.word(e) for e in i.excludes),
-    )
+    return replace(i, **_file_fields(x, i), checksum=x.optional(i.checksum))
 
 
 def _arg(x: _Expander, i: Arg) -> Arg:

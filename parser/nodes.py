@@ -336,27 +336,17 @@ def _no_constants(name: str) -> None:
 
 
 def _flag_text(flag: str, escape: str) -> str:
-    """A flag word with its quotes removed and escape characters applied."""
-    out = []
-    quote = ""
-    i = 0
+    """A flag word with its quotes removed and escape characters applied (inside quotes too)."""
+    out, quote, i = [], "", 0
     while i < len(flag):
         ch = flag[i]
-        if quote:
-            if ch == quote:
-                quote = ""
-            elif ch == escape:
-                if i + 1 < len(flag):
-                    i += 1
-                    out.append(flag[i])
-            else:
-                out.append(ch)
-        elif ch in "'\"":
+        if ch == escape:
+            i += 1
+            out.append(flag[i : i + 1])  # an escape at the very end is dropped
+        elif quote and ch == quote:
+            quote = ""
+        elif not quote and ch in "'\"":
             quote = ch
-        elif ch == escape:
-            if i + 1 < len(flag):
-                i += 1
-                out.append(flag[i])
         else:
             out.append(ch)
         i += 1
