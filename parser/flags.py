@@ -58,10 +58,11 @@ class FlagError(Exception):
 
 @dataclass(frozen=True)
 class FlagValues:
-    """The flags an instruction was given: ``values`` by name, ``index`` of each among the flags."""
+    """The flags an instruction was given: ``values`` by name, and where each occurrence of a name
+    stands among the flags (several for a list flag), for error positions."""
 
     values: dict[str, bool | str | list[str]]
-    index: dict[str, int]
+    index: dict[str, list[int]]
 
     def get(self, name: str, default=None):
         return self.values.get(name, default)
@@ -77,7 +78,7 @@ def read_flags(keyword: str, flags: tuple[str, ...]) -> FlagValues:
     """The values of ``flags`` (each ``--name[=value]``) for ``keyword``."""
     allowed = FLAGS.get(keyword, {})
     values: dict[str, bool | str | list[str]] = {}
-    where: dict[str, int] = {}
+    where: dict[str, list[int]] = {}
     for index, flag in enumerate(flags):
         name, has_value, value = flag[2:].partition("=")
         kind = allowed.get(name)
@@ -89,7 +90,7 @@ def read_flags(keyword: str, flags: tuple[str, ...]) -> FlagValues:
             raise FlagError(f"unknown flag: --{name}", index, hint)
         if name in values and kind is not Kind.LIST:
             raise FlagError(f"duplicate flag specified: --{name}", index)
-        where.setdefault(name, index)
+        where.setdefault(name, []).append(index)
         if kind is Kind.BOOL:
             if not has_value:
                 values[name] = True

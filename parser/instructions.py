@@ -275,9 +275,9 @@ class _Converter:
         return convert(node, flags, location=location, original=line.text[node.keyword_offset :])
 
     def flag_error(
-        self, node: RawNode, flags: FlagValues, name: str, message: str, hint: str | None = None
+        self, node: RawNode, flags: FlagValues, name: str, message: str, hint: str | None = None, occurrence: int = 0
     ) -> PybuildError:
-        return self.error(node, message, node.flag_offsets[flags.index[name]], hint)
+        return self.error(node, message, node.flag_offsets[flags.index[name][occurrence]], hint)
 
     # -- one function per instruction
     def _from(self, node: RawNode, flags: FlagValues, **common) -> From:
@@ -303,12 +303,11 @@ class _Converter:
                 node, "RUN requires at least one argument", hint='RUN <command> or RUN ["executable", ...]'
             )
         mounts = []
-        mount_flags = [i for i, f in enumerate(node.flags) if f[2:].partition("=")[0] == "mount"]
-        for value, index in zip(flags.get("mount", []), mount_flags, strict=True):
+        for occurrence, value in enumerate(flags.get("mount", [])):
             try:
                 mounts.append(parse_mount(value))
             except MountError as exc:
-                raise self.error(node, f"--mount: {exc}", node.flag_offsets[index]) from None
+                raise self.flag_error(node, flags, "mount", f"--mount: {exc}", occurrence=occurrence) from None
         network = flags.get("network")
         if network is not None and network not in ("default", "none", "host"):
             raise self.flag_error(

@@ -87,12 +87,7 @@ class RawDockerfile:
         """An error pointing at ``offset`` in ``node``'s logical line (its keyword by default)."""
         assert node.line is not None
         line, column = node.line.position(node.keyword_offset if offset is None else offset)
-        return DockerfileSyntaxError(
-            message,
-            SourceRange(self.source.filename, line, line, column),
-            source_line=self.source.text_of(line),
-            hint=hint,
-        )
+        return self.source.error(message, line, column, hint)
 
 
 def parse_raw(source: bytes | str, filename: str = "Dockerfile") -> RawDockerfile:
@@ -162,22 +157,14 @@ class _Grammar:
             try:
                 return self._lark.parse(text, start="start")
             except _NodeError as exc:
-                physical, column = lines[exc.line - 1].position(exc.offset)
-                raise DockerfileSyntaxError(
-                    exc.message,
-                    SourceRange(source.filename, physical, physical, column),
-                    source_line=source.text_of(physical),
-                ) from None
+                raise source.error(exc.message, *lines[exc.line - 1].position(exc.offset)) from None
             except UnexpectedInput as exc:
-                line = lines[exc.line - 1]
-                physical, column = line.position(exc.column - 1)
-                raise DockerfileSyntaxError(
+                message = (
                     f"cannot read this line: unexpected {text[exc.pos_in_stream]!r}"
                     if exc.pos_in_stream < len(text)
-                    else "unexpected end of line",
-                    SourceRange(source.filename, physical, physical, column),
-                    source_line=source.text_of(physical),
-                ) from None
+                    else "unexpected end of line"
+                )
+                raise source.error(message, *lines[exc.line - 1].position(exc.column - 1)) from None
 
 
 class _NodeError(Exception):
