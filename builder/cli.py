@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,20 +45,220 @@ def _show_warnings(warnings, filename: str) -> None:
         click.echo(f"{filename}:{warning.line}: warning: {warning.message}", err=True)
 
 
+def _key_values(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not key:
+            raise PybuildError(f"{what} {item!r}: expected KEY=VALUE")
+        if not sep:
+            # docker build: `--build-arg NAME` takes NAME's value from the environment
+            if key not in os.environ:
+                continue
+            value = os.environ[key]
+        out[key] = value
+    return out
+
+
+def _options(text: str, what: str) -> dict[str, str]:
+    """`key=value,key=value` as --output and --secret take them."""
+    out = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise PybuildError(f"{what} {text!r}: expected key=value pairs separated by commas")
+        out[key.strip()] = value
+    return out
+
+
+def _secrets(values: tuple[str, ...]):
+    from builder.solver import SecretSource
+
+    secrets = {}
+    for text in values:
+        fields = _options(text, "--secret")
+        unknown = set(fields) - {"id", "src", "source", "env", "type"}
+        if unknown:
+            raise PybuildError(f"--secret {text!r}: unknown key {sorted(unknown)[0]!r}")
+        secret_id = fields.get("id")
+        if not secret_id:
+            raise PybuildError(f"--secret {text!r}: id= is required")
+        source = fields.get("src") or fields.get("source")
+        kind = fields.get("type") or ("env" if "env" in fields else "file")
+        if kind == "file":
+            path = Path(source or secret_id)
+            if not path.is_file():
+                raise PybuildError(f"--secret {secret_id}: file {path} does not exist")
+            secrets[secret_id] = SecretSource(secret_id, path=path.resolve())
+        elif kind == "env":
+            secrets[secret_id] = SecretSource(secret_id, env=fields.get("env") or source or secret_id)
+        else:
+            raise PybuildError(f"--secret {text!r}: type={kind} is not supported (file or env)")
+    return secrets
+
+
+def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
+    outputs = []
+    for text in values:
+        fields = _options(text, "--output") if "=" in text else {"type": "local", "dest": text}
+        kind = fields.get("type")
+        if kind not in ("oci", "local", "docker", "image"):
+            raise PybuildError(f"--output {text!r}: type={kind} is not supported (oci, docker, local or image)")
+        if kind != "image" and not fields.get("dest"):
+            raise PybuildError(f"--output {text!r}: dest= is required")
+        unknown = set(fields) - {"type", "dest", "name"}
+        if unknown:
+            raise PybuildError(f"--output {text!r}: option {sorted(unknown)[0]!r} is not supported")
+        outputs.append(fields)
+    return outputs
+
+
 @cli.command()
 @click.argument("context", type=click.Path(file_okay=False, path_type=Path), default=".")
 @click.option("-f", "--file", "file", help="Name of the Dockerfile (default: CONTEXT/Dockerfile; - for stdin).")
-def build(context: Path, file: str | None) -> None:
+@click.option("-t", "--tag", "tags", multiple=True, help="Name and optionally a tag (name:tag) for the image.")
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="Set a build-time variable.")
+@click.option("--target", help="Build this stage and the stages it needs, not the last one.")
+@click.option("--no-cache", is_flag=True, help="Do not use the cache when building the image.")
+@click.option("--progress", type=click.Choice(["auto", "plain", "tty", "quiet", "json"]), default="auto",
+              show_default=True, help="How to show progress.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image ID (same as --progress=quiet).")
+@click.option("-o", "--output", "outputs", multiple=True, metavar="type=oci|docker|local,dest=PATH",
+              help="Where to write the result besides the local store.")
+@click.option("--iidfile", type=click.Path(dir_okay=False, path_type=Path), help="Write the image ID to the file.")
+@click.option("--metadata-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write build result metadata (digests, names) to the file as JSON.")
+@click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=PATH|env=VAR",
+              help="A secret RUN --mount=type=secret can read; never stored in the image.")
+@click.option("--network", type=click.Choice(["default", "none", "host"]), default="default",
+              help="Network for RUN steps (default: the host's network).")
+@click.option("--build-context", "build_contexts", multiple=True, metavar="NAME=PATH|docker-image://REF",
+              help="An extra named context for FROM, COPY --from and RUN --mount from=.")
+@click.option("--compression", type=click.Choice(["zstd", "gzip"]), default="zstd", show_default=True,
+              help="Layer compression; gzip for old clients.")
+@click.option("--platform", help="Target platform; only this machine's is supported so far.")
+def build(context: Path, file: str | None, tags: tuple[str, ...], build_args: tuple[str, ...], target: str | None,
+          no_cache: bool, progress: str, quiet: bool, outputs: tuple[str, ...], iidfile: Path | None,
+          metadata_file: Path | None, secrets: tuple[str, ...], network: str, build_contexts: tuple[str, ...],
+          compression: str, platform: str | None) -> None:
     """Build an image from the Dockerfile in CONTEXT."""
+    from builder.build import BuildRequest, run_build
     from parser import parse
 
+    if not context.is_dir():
+        state = "is not a directory" if context.exists() else "does not exist"
+        raise PybuildError(f"build context {context} {state}")
     source, name = _read_dockerfile(file, context)
     dockerfile = parse(source, name)
     _show_warnings(dockerfile.warnings, name)
-    raise PybuildError(
-        f"{name} is valid ({len(dockerfile.instructions)} instructions), "
-        "but building images is not implemented yet in this version of pybuild"
+    request = BuildRequest(
+        dockerfile=dockerfile,
+        dockerfile_path=None if file == "-" else Path(name).resolve(),
+        context=context.resolve(),
+        tags=tags,
+        build_args=_key_values(build_args, "--build-arg"),
+        target=target,
+        outputs=_outputs(outputs),
+        iidfile=iidfile,
+        metadata_file=metadata_file,
+        secrets=_secrets(secrets),
+        network=network,
+        named_contexts=_key_values(build_contexts, "--build-context"),
+        compression=compression,
+        platform=platform,
+        progress="quiet" if quiet else progress,
+        source_date_epoch=_source_date_epoch(_key_values(build_args, "--build-arg")),
     )
+    try:
+        run_build(request)
+    except PybuildError as exc:
+        if exc.location is not None and exc.source_line is None and exc.location.file == name:
+            lines = source.decode("utf-8", "replace").splitlines()
+            if 0 < exc.location.start_line <= len(lines):
+                exc.source_line = lines[exc.location.start_line - 1]
+        raise
+
+
+def _source_date_epoch(build_args: dict[str, str]) -> int:
+    """SOURCE_DATE_EPOCH (a build arg, as BuildKit takes it, or the environment); 0 when unset."""
+    text = build_args.get("SOURCE_DATE_EPOCH", os.environ.get("SOURCE_DATE_EPOCH", "0"))
+    if not text.isdigit():
+        raise PybuildError(f"SOURCE_DATE_EPOCH={text!r} is not a number of seconds")
+    return int(text)
+
+
+@cli.command()
+def images() -> None:
+    """List the images in pybuild's local store."""
+    from builder.store import ImageStore, default_root
+
+    store = ImageStore(default_root())
+    rows = [("REPOSITORY", "TAG", "IMAGE ID", "SIZE")]
+    for entry in store.list():
+        for name in entry.names or ("<none>:<none>",):
+            repository, _, tag = name.rpartition(":")
+            rows.append((repository, tag, entry.image_id.removeprefix("sha256:")[:12], _size(entry.size)))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        click.echo("   ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1000
+    return str(size)
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+def rmi(names: tuple[str, ...]) -> None:
+    """Remove images (their names) from the local store."""
+    from builder.store import ImageStore, default_root
+
+    store = ImageStore(default_root())
+    for name in names:
+        store.remove(name)
+        click.echo(f"Untagged: {name}")
+
+
+@cli.command()
+@click.argument("names", nargs=-1, required=True)
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the OCI archive to this file.")
+def save(names: tuple[str, ...], output: Path) -> None:
+    """Save images to an OCI archive (with a docker manifest.json) that podman, skopeo and docker load."""
+    from builder.exporter import write_oci_archive
+    from builder.store import ImageStore, default_root
+
+    store = ImageStore(default_root())
+    images = [(store.resolve(name).manifest, (name,)) for name in names]
+    write_oci_archive(store, images, output)
+
+
+@cli.command()
+@click.option("-i", "--input", "archive", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The OCI or docker archive to load.")
+def load(archive: Path) -> None:
+    """Load images from an OCI archive or a docker save archive into the local store."""
+    from builder.store import ImageStore, default_root
+
+    if not archive.is_file():
+        raise PybuildError(f"{archive}: no such file")
+    for name in ImageStore(default_root()).load_archive(archive):
+        click.echo(f"Loaded image: {name}")
+
+
+@cli.command()
+@click.argument("name")
+def inspect(name: str) -> None:
+    """Print an image's config as JSON."""
+    from builder.image import config_json
+    from builder.store import ImageStore, default_root
+
+    stored = ImageStore(default_root()).resolve(name)
+    click.echo(json.dumps(json.loads(config_json(stored.image)), indent=2))
 
 
 @cli.group()

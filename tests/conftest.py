@@ -15,3 +15,44 @@ def conformance_dir() -> Path:
     if not CONFORMANCE.is_dir():
         pytest.skip(f"BuildKit conformance data not found at {CONFORMANCE}; it lives beside the checkout")
     return CONFORMANCE
+
+
+BUSYBOX = Path("/bin/busybox")
+PASSWD = """root:x:0:0:root:/root:/bin/sh
+daemon:x:1:1:daemon:/usr/sbin:/bin/false
+www:x:1000:1000:web server:/home/www:/bin/sh
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false
+"""
+GROUP = """root:x:0:
+daemon:x:1:
+www:x:1000:
+staff:x:50:www
+nogroup:x:65534:
+"""
+
+
+def make_busybox_rootfs(root: Path) -> Path:
+    """A tiny root filesystem: the static busybox, its applet links, and users root, daemon, www, nobody."""
+    if not BUSYBOX.is_file():
+        pytest.skip(f"{BUSYBOX} is missing: install Debian's busybox-static (the README's test command does)")
+    for name in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "root", "tmp", "home/www"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+    (root / "tmp").chmod(0o1777)
+    (root / "root").chmod(0o700)
+    target = root / "bin" / "busybox"
+    target.write_bytes(BUSYBOX.read_bytes())
+    target.chmod(0o755)
+    for applet in ("sh", "ls", "cat", "echo", "id", "hostname", "mount", "ps", "touch", "rm", "mkdir", "sleep",
+                   "env", "pwd", "true", "false", "ip", "stat", "umask", "readlink", "chmod", "chown", "ln", "wc",
+                   "sha256sum", "tar", "test", "printf", "grep", "kill", "head"):
+        link = root / "bin" / applet
+        if not link.exists():
+            link.symlink_to("busybox")
+    (root / "etc" / "passwd").write_text(PASSWD)
+    (root / "etc" / "group").write_text(GROUP)
+    return root
+
+
+@pytest.fixture
+def busybox_rootfs(tmp_path: Path) -> Path:
+    return make_busybox_rootfs(tmp_path / "rootfs")

@@ -1,0 +1,99 @@
+"""One `pybuild build`: namespace, graph, solver, then the image into the store and the requested outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from builder.graph import build_graph, host_platform
+from builder.progress import make_progress
+from builder.solver import BuildOptions, SecretSource, Solver
+from parser.errors import PybuildError
+from parser.instructions import Dockerfile
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    dockerfile: Dockerfile
+    context: Path
+    dockerfile_path: Path | None = None
+    tags: tuple[str, ...] = ()
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    target: str | None = None
+    outputs: Sequence[Mapping[str, str]] = ()
+    iidfile: Path | None = None
+    metadata_file: Path | None = None
+    secrets: Mapping[str, SecretSource] = field(default_factory=dict)
+    network: str = "default"
+    named_contexts: Mapping[str, str] = field(default_factory=dict)
+    compression: str = "zstd"
+    platform: str | None = None
+    progress: str = "auto"
+    source_date_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    image_id: str
+    manifest_digest: str
+    names: tuple[str, ...]
+
+
+def run_build(request: BuildRequest, state_root: Path | None = None) -> BuildResult:
+    from builder.exporter import write_oci_archive, write_rootfs
+    from builder.namespace import enter_build_namespace
+    from builder.store import default_root
+
+    os_name, arch, _ = host_platform()
+    if request.platform not in (None, f"{os_name}/{arch}"):
+        raise PybuildError(f"--platform={request.platform}: pybuild builds only for this machine ({os_name}/{arch})")
+    graph = build_graph(request.dockerfile, request.build_args, request.target)
+    # Before any thread starts: the namespace calls need a single-threaded process.
+    enter_build_namespace()
+    root = state_root or default_root()
+    progress = make_progress(request.progress)
+    try:
+        if graph.unused_build_args:
+            progress.message(f"[warning] build args were not consumed: {', '.join(graph.unused_build_args)}")
+        options = BuildOptions(
+            context=request.context, build_args=request.build_args, target=request.target,
+            compression=request.compression, secrets=request.secrets, network=request.network,
+            named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
+            dockerfile_path=request.dockerfile_path,
+        )
+        solver = Solver(graph, options, progress, root)
+        image = solver.solve()
+        names = tuple(request.tags)
+        for output in request.outputs:
+            if output.get("type") == "image" and output.get("name"):
+                names += tuple(output["name"].split(","))
+        manifest = solver.store.write_image(image, names)
+        stored = solver.store.resolve(manifest.digest)
+        image_id = stored.image_id
+        for output in request.outputs:
+            kind = output["type"]
+            if kind in ("oci", "docker"):
+                write_oci_archive(solver.store, [(manifest, names)], Path(output["dest"]))
+            elif kind == "local":
+                write_rootfs(solver.store, image, Path(output["dest"]))
+        if request.iidfile:
+            _write_text(request.iidfile, image_id)
+        if request.metadata_file:
+            metadata = {"containerimage.config.digest": image_id, "containerimage.digest": manifest.digest,
+                        "containerimage.descriptor": manifest.to_json()}
+            if names:
+                metadata["image.name"] = ",".join(names)
+            _write_text(request.metadata_file, json.dumps(metadata, indent=2))
+        progress.result(image_id, manifest.digest, names)
+        return BuildResult(image_id, manifest.digest, names)
+    finally:
+        progress.close()
+
+
+def _write_text(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)

@@ -1,0 +1,265 @@
+"""Run one command on a root filesystem in fresh Linux namespaces and stream its output: a RUN step's sandbox."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from parser.errors import PybuildError
+
+MAX_SYMLINKS = 40
+# The interpreter is started isolated and without site for speed; the package is found by its own location.
+_BOOT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+         "from builder.sandbox_init import main; main()")
+
+
+@dataclass(frozen=True)
+class BindMount:
+    """A host file or directory shown at ``target``."""
+
+    source: Path
+    target: str
+    readonly: bool = True
+
+
+@dataclass(frozen=True)
+class TmpfsMount:
+    """An empty memory-backed directory at ``target``; ``size`` in bytes."""
+
+    target: str
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class SecretMount:
+    """A file the builder wrote to a private temp dir, shown read-only at ``target``, never copied into the rootfs."""
+
+    source: Path
+    target: str
+    mode: int = 0o400
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """One command to run: ids are numbers (the builder resolves USER names) and network is already decided."""
+
+    rootfs: Path
+    argv: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    groups: tuple[int, ...] = ()
+    hostname: str = "pybuild"
+    network: Literal["none", "host"] = "none"
+    mounts: tuple[BindMount | TmpfsMount | SecretMount, ...] = ()
+    resolv_conf: bytes | None = None
+    hosts: bytes | None = None
+
+
+class SandboxError(PybuildError):
+    """The command could not be started (setup failed); its own failures are exit codes instead."""
+
+
+def run(spec: SandboxSpec, on_output: Callable[[bytes], None]) -> int:
+    """Run the command and return its exit status, 128 + the signal number if a signal killed it.
+
+    Mount points missing in the rootfs are created for the run and removed after it. The plan goes to
+    ``builder.sandbox_init`` on a pipe (it may name secret files, so never on the command line or in the
+    environment); all mounting happens in that child's private mount namespace, so none outlives it.
+    Safe to call from several threads at once: it changes no process-wide state.
+    """
+    if not spec.argv:
+        raise SandboxError("nothing to run: the command is empty")
+    if spec.network not in ("none", "host"):
+        raise SandboxError(f"unsupported sandbox network mode {spec.network!r} (use none or host)")
+    rootfs = spec.rootfs.resolve()
+    created: list[Path] = []
+    try:
+        plan = _plan(spec, rootfs, created)
+        return _start_and_wait(plan, on_output)
+    finally:
+        _remove_created(created)
+
+
+def _plan(spec: SandboxSpec, rootfs: Path, created: list[Path]) -> dict:
+    """The child's instructions, with every target already resolved to a host path inside ``rootfs``."""
+    proc = _mount_point(rootfs, "/proc", True, created)
+    dev = _mount_point(rootfs, "/dev", True, created)
+    mounts = []
+    for name, content in (("hosts", _hosts(spec)), ("resolv.conf", _resolv_conf(spec))):
+        target = _mount_point(rootfs, f"/etc/{name}", False, created)
+        mounts.append({"kind": "file", "shown": f"/etc/{name}", "content": content, "target": str(target)})
+    # Parents before children, as the user may nest one mount inside another.
+    for mount in sorted(spec.mounts, key=lambda item: _depth(item.target)):
+        if isinstance(mount, BindMount):
+            if not mount.source.exists():
+                raise SandboxError(f"cannot mount {mount.source} at {mount.target}: it does not exist")
+            target = _mount_point(rootfs, mount.target, mount.source.is_dir(), created)
+            mounts.append({"kind": "bind", "shown": mount.target, "source": str(mount.source),
+                           "target": str(target), "readonly": mount.readonly})
+        elif isinstance(mount, TmpfsMount):
+            target = _mount_point(rootfs, mount.target, True, created)
+            mounts.append({"kind": "tmpfs", "shown": mount.target, "target": str(target), "size": mount.size})
+        else:
+            target = _mount_point(rootfs, mount.target, False, created)
+            mounts.append({"kind": "secret", "shown": mount.target, "source": str(mount.source),
+                           "target": str(target), "mode": mount.mode, "uid": mount.uid, "gid": mount.gid})
+    return {
+        "parent": os.getpid(), "rootfs": str(rootfs), "proc": str(proc), "dev": str(dev), "mounts": mounts,
+        "argv": list(spec.argv), "env": list(spec.env),
+        "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid, "groups": list(spec.groups),
+        "hostname": spec.hostname, "network": spec.network,
+    }
+
+
+def _hosts(spec: SandboxSpec) -> bytes:
+    if spec.hosts is not None:
+        return spec.hosts
+    return f"127.0.0.1\tlocalhost {spec.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n".encode()
+
+
+def _resolv_conf(spec: SandboxSpec) -> bytes:
+    if spec.resolv_conf is not None:
+        return spec.resolv_conf
+    if spec.network == "none":
+        return b""
+    try:
+        return Path("/etc/resolv.conf").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _depth(target: str) -> int:
+    return len([part for part in target.split("/") if part])
+
+
+def _resolve_inside(rootfs: Path, path: str) -> Path:
+    """``path`` as the sandbox will see it: symlinks followed relative to ``rootfs``, never leading out of it.
+
+    Components from the first missing one on are taken literally.
+    """
+    pending = [part for part in path.split("/") if part not in ("", ".")]
+    resolved: list[str] = []
+    links = 0
+    missing = False
+    while pending:
+        part = pending.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = rootfs.joinpath(*resolved, part)
+        if not missing:
+            try:
+                is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+            except FileNotFoundError:
+                missing = True
+                is_link = False
+            except NotADirectoryError:
+                shown = "/" + "/".join(resolved)
+                raise SandboxError(f"cannot mount at {path}: {shown} is not a directory in the image") from None
+            if is_link:
+                links += 1
+                if links > MAX_SYMLINKS:
+                    raise SandboxError(f"cannot mount at {path}: too many levels of symbolic links in the image")
+                link = os.readlink(candidate)
+                if link.startswith("/"):
+                    resolved = []
+                pending[:0] = [item for item in link.split("/") if item not in ("", ".")]
+                continue
+        resolved.append(part)
+    return rootfs.joinpath(*resolved)
+
+
+def _mount_point(rootfs: Path, target: str, directory: bool, created: list[Path]) -> Path:
+    """The host path to mount on for ``target``, creating it and its missing parents (recorded in ``created``)."""
+    host = _resolve_inside(rootfs, target)
+    missing = []
+    current = host
+    while not os.path.lexists(current):
+        missing.append(current)
+        current = current.parent
+    try:
+        for path in reversed(missing):
+            if path == host and not directory:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
+            else:
+                os.mkdir(path)
+                path.chmod(0o755)  # whatever the builder's umask, the step's user must be able to pass
+            created.append(path)
+    except OSError as error:
+        raise SandboxError(f"cannot create the mount point {target} in the image: {error.strerror}") from None
+    return host
+
+
+def _remove_created(created: list[Path]) -> None:
+    """Remove the mount points made for this run, deepest first.
+
+    One the command filled (it wrote beside a mount) is its output, so it stays.
+    """
+    for path in reversed(created):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            elif path.stat().st_size == 0:
+                path.unlink()
+        except OSError:
+            continue
+
+
+def _start_and_wait(plan: dict, on_output: Callable[[bytes], None]) -> int:
+    spec_r, spec_w = os.pipe()
+    status_r, status_w = os.pipe()
+    output_r, output_w = os.pipe()
+    try:
+        # A session of its own: the terminal's Ctrl-C reaches only the builder, which then kills the step.
+        process = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _BOOT, str(spec_r), str(status_w)],
+            stdin=subprocess.DEVNULL, stdout=output_w, stderr=output_w, pass_fds=(spec_r, status_w),
+            start_new_session=True,
+        )
+    except BaseException:
+        for fd in (spec_w, status_r, output_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in (spec_r, status_w, output_w):
+            os.close(fd)
+    try:
+        try:
+            with open(spec_w, "wb") as spec_pipe:
+                spec_pipe.write(marshal.dumps(plan))
+        except BrokenPipeError:
+            pass  # the child died early; its status pipe or exit code says why
+        failure = _read_all(status_r)
+        while chunk := os.read(output_r, 65536):
+            on_output(chunk)
+        code = process.wait()
+    except BaseException:
+        # The child's death takes PID 1 of the namespace with it (parent-death signal), and with it every process.
+        process.kill()
+        process.wait()
+        raise
+    finally:
+        os.close(status_r)
+        os.close(output_r)
+    if failure:
+        raise SandboxError(failure.decode(errors="replace"))
+    return code if code >= 0 else 128 - code
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks)

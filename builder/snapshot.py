@@ -1,0 +1,270 @@
+"""The snapshot store (every layer kept unpacked) and the writable root a build step works in.
+
+A step's root is an overlayfs mount of the parent's snapshots with a fresh upper dir. Where
+overlayfs cannot be mounted, the copy snapshotter stands in: it copies the snapshots into a plain
+directory and afterwards diffs it back into an upper dir, so what follows cannot tell the difference.
+The two keep snapshots in different whiteout forms (overlay markers, OCI ``.wh.`` files), so the
+store keeps them apart in a subdirectory per form.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Literal
+
+from builder.diff import LowerView, diff_tree, materialize
+from builder.linux import MNT_DETACH, mount, umount
+from builder.untar import extract_tar, open_layer
+from parser.errors import PybuildError
+
+SNAPSHOTTER_ENV = "PYBUILD_SNAPSHOTTER"
+# A mount's option string must fit in one page; the kernel stops at 500 layers anyway.
+_PAGE = 4096
+_DIFF_ID = re.compile(r"sha256:[0-9a-f]{64}")
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Snapshotter:
+    """How step roots are made here: ``kind`` overlay or copy, and the xattr marking opaque dirs."""
+
+    kind: Literal["overlay", "copy"]
+    userxattr: bool = False  # in a user namespace overlayfs keeps its xattrs in user.*, not trusted.*
+
+    @property
+    def opaque_xattr(self) -> str:
+        return "user.overlay.opaque" if self.userxattr else "trusted.overlay.opaque"
+
+    @property
+    def store_name(self) -> str:
+        if self.kind == "copy":
+            return "copy"
+        return "overlay-userxattr" if self.userxattr else "overlay"
+
+
+@dataclass(frozen=True)
+class StepRoot:
+    """A mounted step root: write in ``merged``; after the mount is gone ``upper`` holds the changes."""
+
+    merged: Path
+    upper: Path
+    lower_stat: Callable[[str], os.stat_result | None]
+
+
+def in_user_namespace() -> bool:
+    """Whether this process runs in a user namespace (its uid map is not the whole identity map)."""
+    try:
+        uid_map = Path("/proc/self/uid_map").read_text().split()
+    except OSError:
+        return False
+    return uid_map != ["0", "0", "4294967295"]
+
+
+def _overlay_options(lowers: Sequence[int], upper: int, work: int, userxattr: bool) -> str:
+    # Paths through /proc/self/fd keep each layer to ~18 bytes of the one-page option string, and
+    # need no escaping of ':' or ','. Renamed dirs must be copied (redirect_dir=off) and files copied
+    # whole (metacopy=off), or the upper dir would not hold the complete change; userxattr implies
+    # both (and refuses them spelled out).
+    lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in lowers)
+    options = f"lowerdir={lowerdir},upperdir=/proc/self/fd/{upper},workdir=/proc/self/fd/{work},index=off"
+    return options + (",userxattr" if userxattr else ",redirect_dir=off,metacopy=off")
+
+
+@contextlib.contextmanager
+def _overlay(lowers: Sequence[Path], upper: Path, work: Path, merged: Path, userxattr: bool) -> Iterator[None]:
+    """Overlayfs of ``lowers`` (bottom-up) and ``upper`` mounted on ``merged``, unmounted on exit."""
+    fds: list[int] = []
+    try:
+        for path in (*reversed(lowers), upper, work):
+            fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
+        options = _overlay_options(fds[:-2], fds[-2], fds[-1], userxattr)
+        if len(options) >= _PAGE:
+            raise PybuildError(f"an image with {len(lowers)} layers is too deep to mount here")
+        try:
+            mount("overlay", merged, "overlay", 0, options)
+        except OSError as exc:
+            raise PybuildError(f"cannot mount overlayfs on {merged}: {exc.strerror}",
+                               hint=f"set {SNAPSHOTTER_ENV}=copy to copy layers instead") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            umount(merged)
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            umount(merged, MNT_DETACH)  # something still uses it; it goes once that lets go
+
+
+_detected: Snapshotter | None = None
+_detect_lock = threading.Lock()
+
+
+def snapshotter(probe_dir: Path) -> Snapshotter:
+    """The snapshotter for this process: from $PYBUILD_SNAPSHOTTER, else by trying an overlay mount once."""
+    global _detected
+    with _detect_lock:
+        if _detected is None:
+            _detected = _choose(probe_dir)
+        return _detected
+
+
+def _choose(probe_dir: Path) -> Snapshotter:
+    userxattr = in_user_namespace()
+    choice = os.environ.get(SNAPSHOTTER_ENV, "")
+    if choice == "copy":
+        return Snapshotter("copy")
+    if choice == "overlay":
+        return Snapshotter("overlay", userxattr)
+    if choice:
+        raise PybuildError(f"{SNAPSHOTTER_ENV}={choice} is not a snapshotter", hint="use overlay or copy")
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    probe = Path(tempfile.mkdtemp(dir=probe_dir, prefix=".probe-"))
+    try:
+        for name in ("lower", "upper", "work", "merged"):
+            (probe / name).mkdir()
+        with _overlay([probe / "lower"], probe / "upper", probe / "work", probe / "merged", userxattr):
+            pass
+        return Snapshotter("overlay", userxattr)
+    except PybuildError:
+        return Snapshotter("copy")
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def mounted_root(lowers: Sequence[Path], scratch: Path) -> Iterator[StepRoot]:
+    """A writable root over ``lowers`` (snapshot dirs, bottom-up), its pieces kept in the empty dir ``scratch``.
+
+    On exit (also on error) the root is taken down; after a normal exit ``upper`` holds the changes
+    in the snapshot form, ready for ``write_layer`` and ``Snapshots.adopt``. ``scratch`` must be on
+    the snapshot store's filesystem for ``adopt`` to rename ``upper`` in.
+    """
+    mode = snapshotter(scratch)
+    merged, upper = scratch / "merged", scratch / "upper"
+    merged.mkdir()
+    upper.mkdir()
+    root = StepRoot(merged=merged, upper=upper, lower_stat=LowerView(lowers).stat)
+    if mode.kind == "copy":
+        originals = materialize(lowers, merged)
+        try:
+            yield root
+            diff_tree(merged, lowers, upper, originals)
+        finally:
+            shutil.rmtree(merged)
+        return
+    # The root dir shows the upper dir's own mode and owner: make them the image's.
+    if lowers:
+        top = os.lstat(lowers[-1])
+        os.chown(upper, top.st_uid, top.st_gid)
+        os.chmod(upper, top.st_mode & 0o7777)
+    else:
+        os.chmod(upper, 0o755)
+    work = scratch / "work"
+    work.mkdir()
+    bottom = list(lowers)
+    if not bottom:
+        bottom = [scratch / "empty"]
+        bottom[0].mkdir()
+    try:
+        with _overlay(bottom, upper, work, merged, mode.userxattr):
+            yield root
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class _HashingReader:
+    """Hashes the uncompressed tar as extraction reads it."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.sha256 = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.sha256.update(data)
+        return data
+
+    def drain(self) -> None:
+        """Read what tar left unread (padding after the end marker): the diff_id covers it too."""
+        while self.read(_CHUNK):
+            pass
+
+
+class Snapshots:
+    """Unpacked layers by diff_id under ``root``; adding one is a rename, so concurrent builders are safe."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _store(self) -> Path:
+        store = self.root / snapshotter(self.root).store_name
+        store.mkdir(parents=True, exist_ok=True)
+        return store
+
+    def path(self, diff_id: str) -> Path:
+        if not _DIFF_ID.fullmatch(diff_id):
+            raise PybuildError(f"layer diff_id {diff_id!r} is not a sha256 digest")
+        return self._store() / diff_id.removeprefix("sha256:")
+
+    def has(self, diff_id: str) -> bool:
+        return self.path(diff_id).is_dir()
+
+    def unpack(self, diff_id: str, blob: Path | BinaryIO) -> Path:
+        """Unpack a layer blob (any compression), checking its content against ``diff_id``."""
+        final = self.path(diff_id)
+        if final.is_dir():
+            return final
+        mode = snapshotter(self.root)
+        temp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".unpack-"))
+        try:
+            os.chmod(temp, 0o755)
+            with open(blob, "rb") if isinstance(blob, Path) else contextlib.nullcontext(blob) as raw:
+                tar = _HashingReader(open_layer(raw))
+                extract_tar(tar, temp, whiteouts="overlay" if mode.kind == "overlay" else "keep",
+                            opaque_xattr=mode.opaque_xattr, label=f"layer {diff_id}")
+                tar.drain()
+            actual = "sha256:" + tar.sha256.hexdigest()
+            if actual != diff_id:
+                raise PybuildError(f"layer {diff_id} is corrupt: its content hashes to {actual}")
+            return self._commit(temp, final)
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
+
+    def adopt(self, diff_id: str, upper: Path) -> Path:
+        """Move a step's upper dir into the store (if another builder got there first, ours goes)."""
+        final = self.path(diff_id)
+        if final.is_dir():
+            shutil.rmtree(upper)
+            return final
+        try:
+            return self._commit(upper, final)
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                raise PybuildError(f"cannot move {upper} into the snapshot store {self.root}: they are on different "
+                                   "filesystems") from None
+            raise
+
+    @staticmethod
+    def _commit(source: Path, final: Path) -> Path:
+        try:
+            os.rename(source, final)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not final.is_dir():
+                raise
+            shutil.rmtree(source)  # the same layer, committed by someone else meanwhile
+        return final

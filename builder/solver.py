@@ -1,0 +1,426 @@
+"""Run a build graph: stages in parallel threads, each instruction applied in order, filesystem changes as layers.
+
+Every filesystem step mounts an overlay over the parent's snapshots, changes the merged root
+(by copying, or by running a command in the sandbox), and turns the overlay's upper dir into a
+layer blob and a new snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from builder import image as oci
+from builder.graph import PREDEFINED_ARGS, BuildGraph, Stage, host_platform
+from builder.progress import Progress
+from builder.steps import STEPS, StageState, describe, scratch_state
+from parser.errors import PybuildError
+from parser.flags import Mount
+from parser.instructions import Add, Copy, Instruction, Run, parse
+
+
+@dataclass(frozen=True)
+class SecretSource:
+    """Where a ``--secret`` comes from: a file or an environment variable of the pybuild process."""
+
+    id: str
+    path: Path | None = None
+    env: str | None = None
+
+    def read(self) -> bytes:
+        if self.path is not None:
+            try:
+                return self.path.read_bytes()
+            except OSError as exc:
+                raise PybuildError(f"secret {self.id}: cannot read {self.path}: {exc.strerror}") from None
+        value = os.environ.get(self.env or self.id)
+        if value is None:
+            raise PybuildError(f"secret {self.id}: environment variable {self.env or self.id} is not set")
+        return value.encode()
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    context: Path
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    target: str | None = None
+    compression: str = "zstd"
+    secrets: Mapping[str, SecretSource] = field(default_factory=dict)
+    network: str = "default"
+    named_contexts: Mapping[str, str] = field(default_factory=dict)
+    source_date_epoch: int = 0
+    dockerfile_path: Path | None = None
+
+
+@dataclass(frozen=True)
+class StageResult:
+    image: oci.Image
+
+
+def epoch_timestamp(epoch: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+class RunFailed(PybuildError):
+    """A RUN command exited non-zero; its exit code becomes pybuild's."""
+
+
+class Solver:
+    """Builds the stages a graph needs, sharing one store, blob store and snapshot store."""
+
+    def __init__(self, graph: BuildGraph, options: BuildOptions, progress: Progress, state_root: Path) -> None:
+        from builder.context import BuildContext
+        from builder.snapshot import Snapshots
+        from builder.store import ImageStore
+        from cache.blobs import BlobStore
+
+        self.graph = graph
+        self.options = options
+        self.progress = progress
+        self.store = ImageStore(state_root)
+        self.blobs = BlobStore(state_root)
+        self.snapshots = Snapshots(state_root / "snapshots")
+        self.tmp_root = state_root / "tmp"
+        self.tmp_root.mkdir(parents=True, exist_ok=True)
+        self.context = BuildContext(options.context, dockerfile_path=options.dockerfile_path)
+        self.created = epoch_timestamp(options.source_date_epoch)
+        self.futures: dict[int, Future[StageResult]] = {}
+        self.failed = threading.Event()
+
+    def solve(self) -> oci.Image:
+        workers = max(1, min(len(self.graph.needed), os.cpu_count() or 1))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage") as pool:
+            for index in self.graph.needed:
+                self.futures[index] = pool.submit(self._build_stage_guarded, self.graph.stages[index])
+            try:
+                return self.futures[self.graph.target].result().image
+            except BaseException:
+                self.failed.set()
+                raise
+
+    def stage_result(self, index: int) -> StageResult:
+        future = self.futures.get(index)
+        if future is None:
+            raise PybuildError(f"stage {self.graph.stages[index].label} is needed but was not scheduled")
+        return future.result()
+
+    def _build_stage_guarded(self, stage: Stage) -> StageResult:
+        try:
+            return self._build_stage(stage)
+        except BaseException:
+            self.failed.set()
+            raise
+
+    def _build_stage(self, stage: Stage) -> StageResult:
+        ctx = StepContext(self, stage)
+        total = len(stage.instructions) + 1
+        number = self.progress.step_started(f"[{stage.label} 1/{total}] FROM {stage.base}")
+        try:
+            state = ctx.base_state(stage.base, stage.index, stage.from_instruction)
+        except BaseException:
+            self.progress.step_finished(number, "error")
+            raise
+        self.progress.step_finished(number)
+        predefined = tuple((name, value) for name, value in self.options.build_args.items()
+                           if name in PREDEFINED_ARGS)
+        state = replace(state, args=predefined)
+        triggers = state.image.config.on_build
+        if triggers:
+            state = replace(state, image=replace(state.image, config=replace(state.image.config, on_build=())))
+            for trigger in triggers:
+                for instruction in parse(trigger.encode(), f"ONBUILD of {stage.base}").instructions:
+                    state = ctx.step(state, instruction, f"[{stage.label} ONBUILD] {describe(instruction)}")
+        for position, instruction in enumerate(stage.instructions, start=2):
+            if self.failed.is_set():
+                raise PybuildError(f"stage {stage.label} stopped because another stage failed")
+            state = ctx.step(state, instruction, f"[{stage.label} {position}/{total}] {describe(instruction)}")
+        return StageResult(state.image)
+
+
+@dataclass
+class StepContext:
+    """What instructions may ask of the solver while a stage builds."""
+
+    solver: Solver
+    stage: Stage
+    current_step: int = 0
+
+    @property
+    def escape(self) -> str:
+        return self.solver.graph.dockerfile.escape
+
+    @property
+    def build_args(self) -> Mapping[str, str]:
+        return self.solver.options.build_args
+
+    @property
+    def global_args(self) -> dict[str, str]:
+        return {name: value for name, value in self.solver.graph.global_args if value is not None}
+
+    def step(self, state: StageState, instruction: Instruction, title: str) -> StageState:
+        progress = self.solver.progress
+        self.current_step = progress.step_started(title)
+        try:
+            handler = STEPS.get(type(instruction))
+            if handler is None:
+                raise PybuildError(f"{type(instruction).__name__.upper()} is not supported here",
+                                   instruction.location)
+            state = handler(self, state, instruction)
+        except BaseException:
+            progress.step_finished(self.current_step, "error")
+            raise
+        progress.step_finished(self.current_step)
+        return state
+
+    # Images and sources
+
+    def base_state(self, reference: str, before: int, where: Instruction | None = None) -> StageState:
+        if reference == "scratch":
+            return scratch_state(self.solver.created)
+        stage = self.solver.graph.stage_by_reference(reference, before)
+        image = self.solver.stage_result(stage.index).image if stage else self.image(reference, where)
+        return StageState(image=replace(image, created=self.solver.created))
+
+    def image(self, reference: str, where: Instruction | None = None) -> oci.Image:
+        """An image by name from the local store, or from an OCI archive or layout on disk."""
+        store = self.solver.store
+        named = self.solver.options.named_contexts.get(reference)
+        if named is not None:
+            reference = named.removeprefix("docker-image://")
+        try:
+            if reference.startswith("oci-archive:"):
+                image = store.read_image_from_archive(Path(reference.removeprefix("oci-archive:")))
+            elif reference.startswith("oci-layout:"):
+                image = store.read_image_from_layout(reference.removeprefix("oci-layout:"))
+            else:
+                image = store.resolve(reference).image
+        except PybuildError as exc:
+            raise PybuildError(str(exc.message), where.location if where else None, hint=exc.hint) from None
+        self._ensure_snapshots(image)
+        os_name, arch, _ = host_platform()
+        if (image.os, image.architecture) != (os_name, arch):
+            raise PybuildError(f"image {reference} is for {image.os}/{image.architecture}; this machine runs "
+                               f"{os_name}/{arch}", where.location if where else None)
+        return image
+
+    def _ensure_snapshots(self, image: oci.Image) -> None:
+        for layer in image.layers:
+            if not self.solver.snapshots.has(layer.diff_id):
+                self.solver.snapshots.unpack(layer.diff_id, self.solver.blobs.path(layer.digest))
+
+    @contextlib.contextmanager
+    def mounted_image(self, image: oci.Image) -> Iterator[Path]:
+        """A read-only view of an image's root filesystem (writes go to a throw-away upper dir)."""
+        from builder.snapshot import mounted_root
+
+        scratch = Path(tempfile.mkdtemp(dir=self.solver.tmp_root))
+        try:
+            lowers = [self.solver.snapshots.path(layer.diff_id) for layer in image.layers]
+            with mounted_root(lowers, scratch) as root:
+                yield root.merged
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def source_root(self, reference: str | None, where: Instruction):
+        """Where COPY --from or a RUN bind mount reads: the context, a named context, a stage or an image."""
+        if reference is None:
+            yield self.solver.context
+            return
+        named = self.solver.options.named_contexts.get(reference)
+        if named is not None and not named.startswith(("docker-image://", "oci-layout:", "oci-archive:")):
+            from builder.context import BuildContext
+
+            yield BuildContext(Path(named))
+            return
+        stage = self.solver.graph.stage_by_reference(reference, self.stage.index)
+        if stage is not None:
+            image = self.solver.stage_result(stage.index).image
+        elif reference.isdigit():
+            raise PybuildError(f"--from={reference}: there is no stage {reference} before this one", where.location)
+        else:
+            image = self.image(reference, where)
+        with self.mounted_image(image) as root:
+            yield root
+
+    # Filesystem changes
+
+    def change(self, state: StageState, created_by: str, action: Callable[[Path], None], *,
+               independent: bool = False) -> StageState:
+        """Apply ``action`` to the stage's root; what it changed becomes a layer (or an empty history entry)."""
+        from builder.layer import write_layer
+        from builder.snapshot import mounted_root
+
+        solver = self.solver
+        layers = () if independent else state.image.layers
+        lowers = [solver.snapshots.path(layer.diff_id) for layer in layers]
+        scratch = Path(tempfile.mkdtemp(dir=solver.tmp_root))
+        try:
+            with mounted_root(lowers, scratch) as root:
+                action(root.merged)
+            with solver.blobs.writer() as out:
+                layer = write_layer(root.upper, out.file, compression=solver.options.compression,
+                                    source_date_epoch=solver.options.source_date_epoch,
+                                    lower_stat=None if independent else root.lower_stat)
+                if layer is None:
+                    out.discard()
+            if layer is None:
+                return replace(state, image=state.image.add_history(state.history(created_by, empty_layer=True)))
+            solver.snapshots.adopt(layer.diff_id, root.upper)
+            image = replace(state.image, layers=(*state.image.layers, layer))
+            return replace(state, image=image.add_history(state.history(created_by, empty_layer=False)))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def make_workdir(self, state: StageState, path: str) -> StageState:
+        from builder.copy import make_directory
+        from builder.users import resolve_user
+
+        def action(root: Path) -> None:
+            owner = None
+            if state.image.config.user:
+                ids = resolve_user(root, state.image.config.user)
+                owner = (ids.uid, ids.gid)
+            make_directory(root, path, owner=owner)
+
+        created_by = state.image.history[-1].created_by
+        # The config change already added WORKDIR's history entry; a created directory turns it into a layer.
+        base = replace(state, image=replace(state.image, history=state.image.history[:-1]))
+        return self.change(base, created_by, action)
+
+    def copy(self, state: StageState, instruction: Copy | Add, expanded: Copy | Add) -> StageState:
+        from builder.copy import copy_into, write_inline
+        from builder.users import resolve_chown
+
+        is_add = isinstance(expanded, Add)
+        if is_add and expanded.unpack is not None:
+            raise PybuildError("ADD --unpack is not supported by pybuild yet", instruction.location)
+        from_ = expanded.from_ if isinstance(expanded, Copy) else None
+        workdir = state.image.config.working_dir or "/"
+
+        with self.source_root(from_, instruction) as source:
+            inline = len(expanded.source_contents)
+            if inline and inline + len(expanded.sources) > 1 and not expanded.dest.endswith("/"):
+                raise PybuildError(f"{type(expanded).__name__.upper()} with more than one source needs a "
+                                   "destination directory ending in /", instruction.location)
+
+            def action(root: Path) -> None:
+                chown = resolve_chown(root, expanded.chown) if expanded.chown else None
+                for heredoc in expanded.source_contents:
+                    body = heredoc.content
+                    if heredoc.chomp:
+                        body = "".join(line.lstrip("\t") for line in body.splitlines(keepends=True))
+                    write_inline(root, heredoc.name, body.encode(), expanded.dest, workdir=workdir,
+                                 chown=chown, chmod=expanded.chmod)
+                if expanded.sources:
+                    copy_into(root, expanded.sources, expanded.dest, source=source, workdir=workdir, chown=chown,
+                              chmod=expanded.chmod, parents=getattr(expanded, "parents", False),
+                              excludes=expanded.excludes, is_add=is_add,
+                              checksum=getattr(expanded, "checksum", None),
+                              keep_git_dir=bool(getattr(expanded, "keep_git_dir", False)))
+
+            return self.change(state, describe(instruction).split("\n")[0], action, independent=expanded.link)
+
+    def run(self, state: StageState, instruction: Run, argv: tuple[str, ...], created_by: str,
+            mounts: tuple[Mount, ...], network: str | None) -> StageState:
+        from builder import sandbox
+        from builder.users import resolve_user
+
+        network = network or self.solver.options.network
+        if network not in ("default", "none", "host"):
+            raise PybuildError(f"RUN --network={network} is not supported (use default, none or host)",
+                               instruction.location)
+        progress = self.solver.progress
+        step = self.current_step
+
+        def action(root: Path) -> None:
+            from builder.copy import make_directory
+
+            config = state.image.config
+            ids = resolve_user(root, config.user)
+            cwd = config.working_dir or "/"
+            make_directory(root, cwd)
+            env = dict(state.run_env())
+            with contextlib.ExitStack() as stack:
+                sandbox_mounts = [self._sandbox_mount(stack, mount, env, instruction) for mount in mounts]
+                spec = sandbox.SandboxSpec(
+                    rootfs=root, argv=argv, env=tuple(env.items()), cwd=cwd, uid=ids.uid, gid=ids.gid,
+                    groups=ids.groups, network="none" if network == "none" else "host",
+                    mounts=tuple(item for item in sandbox_mounts if item is not None),
+                )
+                try:
+                    code = sandbox.run(spec, lambda data: progress.output(step, data))
+                except sandbox.SandboxError as exc:
+                    raise PybuildError(f"RUN: {exc.message}", instruction.location, hint=exc.hint) from None
+            if code != 0:
+                tail = "\n".join(progress.last_lines(step)[-5:])
+                shown = " ".join(argv)
+                message = f"RUN failed: `{shown}` exited with code {code}"
+                raise RunFailed(message + (f"; its last output:\n{tail}" if tail else ""), instruction.location,
+                                exit_code=code if 0 < code < 256 else 1)
+
+        return self.change(state, created_by, action)
+
+    def _sandbox_mount(self, stack: contextlib.ExitStack, mount: Mount, env: dict[str, str],
+                       instruction: Run):
+        from builder import sandbox
+
+        kind = mount.type or "bind"
+        if kind == "bind":
+            if not mount.readonly and mount.readonly is not None:
+                raise PybuildError("RUN --mount=type=bind,rw is not supported by pybuild yet", instruction.location)
+            source = stack.enter_context(self.source_root(mount.from_, instruction))
+            base = source.root if hasattr(source, "root") else source
+            path = _inside(Path(base), mount.source or "/", instruction)
+            return sandbox.BindMount(source=path, target=_absolute(mount.target), readonly=True)
+        if kind == "tmpfs":
+            return sandbox.TmpfsMount(target=_absolute(mount.target), size=int(mount.size) if mount.size else None)
+        if kind == "secret":
+            secret_id = mount.id or posixpath_basename(mount.target or "")
+            source_spec = self.solver.options.secrets.get(secret_id)
+            if source_spec is None:
+                if mount.required:
+                    raise PybuildError(f"secret {secret_id!r} is required but was not given with --secret",
+                                       instruction.location)
+                return None
+            value = source_spec.read()
+            if mount.env:
+                env[mount.env] = value.decode()
+                if not mount.target:
+                    return None
+            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=self.solver.tmp_root)))
+            os.chmod(directory, 0o700)
+            path = directory / "secret"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(value)
+            return sandbox.SecretMount(source=path, target=mount.target or f"/run/secrets/{secret_id}",
+                                       mode=int(mount.mode, 8) if mount.mode else 0o400,
+                                       uid=int(mount.uid or 0), gid=int(mount.gid or 0))
+        raise PybuildError(f"RUN --mount=type={kind} is not supported by pybuild yet", instruction.location)
+
+
+def posixpath_basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _absolute(target: str | None) -> str:
+    return target if (target or "").startswith("/") else "/" + (target or "")
+
+
+def _inside(base: Path, relative: str, instruction: Instruction) -> Path:
+    """A bind mount's source path within its root; leading out of it is refused."""
+    resolved = (base / relative.lstrip("/")).resolve()
+    if resolved != base.resolve() and base.resolve() not in resolved.parents:
+        raise PybuildError(f"RUN --mount source {relative!r} leads outside its root", instruction.location)
+    if not resolved.exists():
+        raise PybuildError(f"RUN --mount source {relative!r} does not exist", instruction.location)
+    return resolved

@@ -1,0 +1,696 @@
+"""pybuild's local image store: an OCI image layout whose index.json names images, plus import from archives.
+
+The store root is a plain OCI image layout (``oci-layout``, ``index.json``, ``blobs/sha256``), so
+``skopeo inspect oci:ROOT:busybox:latest`` reads it. Each name is one index.json entry whose
+``org.opencontainers.image.ref.name`` annotation holds the name; an image without names keeps one
+entry without that annotation (docker's ``<none>:<none>``). An image ID is its config digest, as in docker.
+
+Names are stored in docker's familiar short form, ``repository:tag``: a missing tag means
+``latest``, and the ``docker.io/library/``, ``docker.io/`` and ``localhost/`` prefixes are dropped,
+so ``busybox``, ``busybox:latest``, ``localhost/busybox`` and ``docker.io/library/busybox:latest`` are
+one name. Other registries stay in the name (``quay.io/x/y:1``). References may also be
+``name@sha256:<manifest digest>`` (the digest decides), a full ``sha256:<digest>`` of a manifest or
+config, or at least 12 hex digits of an image ID (what ``pybuild images`` shows).
+
+index.json is only ever replaced by a rename, so readers need no lock; writers serialize their
+read-modify-write cycles with ``fcntl.flock`` on ``index.lock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import posixpath
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from builder.graph import host_platform
+from builder.image import (
+    DOCKER_LAYER,
+    DOCKER_LAYER_GZIP,
+    DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST,
+    MEDIA_CONFIG,
+    MEDIA_INDEX,
+    MEDIA_LAYER,
+    MEDIA_LAYER_GZIP,
+    MEDIA_LAYER_ZSTD,
+    MEDIA_MANIFEST,
+    REF_NAME_ANNOTATION,
+    Descriptor,
+    Image,
+    Layer,
+    config_json,
+    image_from_config,
+    index_json,
+    manifest_json,
+)
+from cache.blobs import CHUNK, BlobStore, digest_hex
+from parser.errors import PybuildError
+
+log = logging.getLogger(__name__)
+
+CONTAINERD_NAME_ANNOTATION = "io.containerd.image.name"
+OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
+# Unreferenced blobs younger than this survive gc(): a build running now may be about to reference them.
+GC_GRACE_SECONDS = 3600
+# index.json, manifest.json and oci-layout are read into memory; real ones are far smaller.
+MAX_METADATA_BYTES = 16 << 20
+MIN_ID_PREFIX = 12
+
+# Layer blobs are kept as they are; docker's layer media types mean the same bytes as OCI's.
+_LAYER_MEDIA_TYPES = {
+    MEDIA_LAYER: MEDIA_LAYER, MEDIA_LAYER_GZIP: MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD: MEDIA_LAYER_ZSTD,
+    DOCKER_LAYER: MEDIA_LAYER, DOCKER_LAYER_GZIP: MEDIA_LAYER_GZIP,
+}
+_MANIFEST_TYPES = (MEDIA_MANIFEST, DOCKER_MANIFEST)
+_INDEX_TYPES = (MEDIA_INDEX, DOCKER_MANIFEST_LIST)
+
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
+_REFERENCE = re.compile(
+    rf"(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
+)
+_HEX_PREFIX = re.compile(rf"(?:sha256:)?([0-9a-f]{{{MIN_ID_PREFIX},64}})")
+_DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+def default_root() -> Path:
+    """Where the store lives: $PYBUILD_ROOT, else /var/lib/pybuild for root, else the user's XDG data dir."""
+    if os.environ.get("PYBUILD_ROOT"):
+        return Path(os.environ["PYBUILD_ROOT"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/pybuild")
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "pybuild"
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A parsed image reference: ``name`` in familiar ``repository:tag`` form, and/or a manifest digest."""
+
+    name: str | None
+    digest: str | None
+
+
+def _is_domain(component: str) -> bool:
+    return "." in component or ":" in component or component == "localhost"
+
+
+def parse_reference(text: str) -> Reference:
+    """Read ``[domain/]path[:tag][@digest]`` and shorten the name to its familiar form (see the module doc)."""
+    match = _REFERENCE.fullmatch(text)
+    if match is None:
+        hint = "repository names must be lowercase" if text.lower() != text else None
+        raise PybuildError(f"invalid image reference {text!r}", hint=hint)
+    domain, path, tag, digest = match.group("domain", "path", "tag", "digest")
+    if domain is not None and not _is_domain(domain):
+        # "foo/bar": the first component is a path component, not a registry.
+        path, domain = f"{domain}/{path}", None
+    if domain in (*_DOCKER_HUB, "localhost"):
+        domain = None
+    if domain is None and path.startswith("library/") and path.count("/") == 1:
+        path = path.removeprefix("library/")
+    repository = path if domain is None else f"{domain}/{path}"
+    if digest is not None and tag is None:
+        return Reference(None, digest)
+    return Reference(f"{repository}:{tag or 'latest'}", digest)
+
+
+def normalize_name(text: str) -> str:
+    """A name as the store keeps it: familiar ``repository:tag``; digests are not names."""
+    reference = parse_reference(text)
+    if reference.digest is not None or reference.name is None:
+        raise PybuildError(f"{text!r} names a digest; an image name needs a repository and an optional tag")
+    return reference.name
+
+
+def full_name(name: str) -> str:
+    """The fully qualified form containerd and podman expect: ``docker.io/library/busybox:latest``."""
+    name = normalize_name(name)
+    first = name.split("/", 1)[0]
+    if "/" in name and _is_domain(first):
+        return name
+    return f"docker.io/{name}" if "/" in name else f"docker.io/library/{name}"
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    """An image in the store: its manifest descriptor (no annotations), the image, and its names."""
+
+    manifest: Descriptor
+    image: Image
+    names: tuple[str, ...]
+    image_id: str
+
+    @property
+    def size(self) -> int:
+        """Bytes of the layer blobs as stored (compressed), which is what the image costs on disk."""
+        return sum(layer.size for layer in self.image.layers)
+
+    @property
+    def created(self) -> str:
+        return self.image.created
+
+
+def _ref_name(entry: Descriptor) -> str | None:
+    return dict(entry.annotations).get(REF_NAME_ANNOTATION)
+
+
+def _plain(descriptor: Descriptor) -> Descriptor:
+    return Descriptor(descriptor.media_type, descriptor.digest, descriptor.size, platform=descriptor.platform)
+
+
+def _named(descriptor: Descriptor, name: str | None) -> Descriptor:
+    plain = _plain(descriptor)
+    return plain if name is None else replace(plain, annotations=((REF_NAME_ANNOTATION, name),))
+
+
+def retag(entries: Sequence[Descriptor], manifest: Descriptor, names: Sequence[str]) -> list[Descriptor]:
+    """index.json entries after giving ``manifest`` these names: names move; images left nameless stay as <none>."""
+    wanted = set(names)
+    kept = [entry for entry in entries
+            if _ref_name(entry) not in wanted and not (entry.digest == manifest.digest and _ref_name(entry) is None)]
+    present = {entry.digest for entry in kept}
+    for entry in entries:
+        if entry.digest not in present and entry.digest != manifest.digest:
+            kept.append(_named(entry, None))
+            present.add(entry.digest)
+    if names:
+        kept.extend(_named(manifest, name) for name in dict.fromkeys(names))
+    elif manifest.digest not in present:
+        kept.append(_named(manifest, None))
+    return kept
+
+
+BlobFetcher = Callable[[Descriptor], None]
+EntryNames = Callable[[Descriptor], tuple[str, ...]]
+
+
+class ImageStore:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.blobs = BlobStore(self.root)
+        self.index_path = self.root / "index.json"
+        self.lock_path = self.root / "index.lock"
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.root / "oci-layout").is_file():
+            self._replace_file(self.root / "oci-layout", OCI_LAYOUT)
+        if not self.index_path.is_file():
+            with self._locked():
+                if not self.index_path.is_file():
+                    self._write_index([])
+
+    # index.json
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _replace_file(self, path: Path, data: bytes) -> None:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(data)
+                file.flush()
+                os.fsync(file.fileno())
+            os.chmod(name, 0o644)
+            os.replace(name, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            raise
+
+    def entries(self) -> list[Descriptor]:
+        try:
+            value = json.loads(self.index_path.read_bytes())
+            return [Descriptor.from_json(item) for item in value.get("manifests") or []]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PybuildError(f"{self.index_path} is damaged: {exc}",
+                               hint="restore it from a backup, or remove the store directory to start over") from None
+
+    def _write_index(self, entries: list[Descriptor]) -> None:
+        self._replace_file(self.index_path, index_json(entries))
+
+    def _update_index(self, change: Callable[[list[Descriptor]], list[Descriptor]]) -> None:
+        with self._locked():
+            self._write_index(change(self.entries()))
+
+    # Writing and reading images
+
+    def write_image(self, image: Image, names: Sequence[str]) -> Descriptor:
+        """Store an image whose layer blobs are already in the blob store, and give it these names."""
+        normalized = [normalize_name(name) for name in names]
+        config = config_json(image)
+        config_descriptor = Descriptor(MEDIA_CONFIG, self.blobs.put_bytes(config), len(config))
+        manifest = manifest_json(config_descriptor, image.layers)
+        platform = (("architecture", image.architecture), ("os", image.os))
+        if image.variant:
+            platform += (("variant", image.variant),)
+        descriptor = Descriptor(MEDIA_MANIFEST, self.blobs.put_bytes(manifest), len(manifest), platform=platform)
+        with self._locked():
+            # Checked under the lock, which gc() holds too, so no layer can vanish before the image is named.
+            for layer in image.layers:
+                if not self.blobs.has(layer.digest):
+                    raise PybuildError(f"layer {layer.digest} of the image is not in the blob store "
+                                       f"{self.blobs.blob_dir}")
+            self._write_index(retag(self.entries(), descriptor, normalized))
+        return _plain(descriptor)
+
+    def _load(self, manifest: Descriptor, names: tuple[str, ...]) -> StoredImage:
+        value = self._json_blob(manifest.digest, "manifest")
+        media_type = value.get("mediaType") or manifest.media_type
+        if media_type not in _MANIFEST_TYPES:
+            raise PybuildError(f"{manifest.digest} is a {media_type or 'document of unknown type'}, not an image "
+                               "manifest")
+        try:
+            config = Descriptor.from_json(value["config"])
+            layers = tuple(self._layer(Descriptor.from_json(item)) for item in value.get("layers") or [])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PybuildError(f"manifest {manifest.digest} is malformed: {exc}") from None
+        image = image_from_config(self.blobs.read_bytes(config.digest), layers)
+        media_type = manifest.media_type or media_type
+        descriptor = Descriptor(media_type, manifest.digest, manifest.size, platform=manifest.platform)
+        return StoredImage(descriptor, image, names, config.digest)
+
+    @staticmethod
+    def _layer(descriptor: Descriptor) -> Layer:
+        media_type = _LAYER_MEDIA_TYPES.get(descriptor.media_type)
+        if media_type is None:
+            raise PybuildError(f"layer {descriptor.digest} has media type {descriptor.media_type!r}, which pybuild "
+                               "does not support (only plain, gzip and zstd tar layers)")
+        return Layer(diff_id="", digest=descriptor.digest, size=descriptor.size, media_type=media_type)
+
+    def _json_blob(self, digest: str, what: str) -> dict[str, Any]:
+        try:
+            value = json.loads(self.blobs.read_bytes(digest))
+        except ValueError:
+            raise PybuildError(f"{what} {digest} is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise PybuildError(f"{what} {digest} is not a JSON object")
+        return value
+
+    def _names_of(self, entries: Sequence[Descriptor], digest: str) -> tuple[str, ...]:
+        return tuple(name for entry in entries if entry.digest == digest and (name := _ref_name(entry)))
+
+    def resolve(self, reference: str) -> StoredImage:
+        """The image a name, a ``name@digest``, a manifest or config digest, or an image ID prefix refers to."""
+        entries = self.entries()
+        digest = self._find(reference, entries)
+        manifest = next(entry for entry in entries if entry.digest == digest)
+        return self._load(_plain(manifest), self._names_of(entries, digest))
+
+    def _find(self, reference: str, entries: Sequence[Descriptor]) -> str:
+        """The manifest digest of ``reference`` among index entries."""
+        parsed = parse_reference(reference) if _REFERENCE.fullmatch(reference) else None
+        if parsed is not None and parsed.digest is not None:
+            if any(entry.digest == parsed.digest for entry in entries):
+                return parsed.digest
+        elif parsed is not None:
+            for entry in entries:
+                if _ref_name(entry) == parsed.name:
+                    return entry.digest
+        prefix = _HEX_PREFIX.fullmatch(reference)
+        if prefix is not None:
+            wanted = prefix.group(1)
+            manifests = list(dict.fromkeys(entry.digest for entry in entries))
+            found = {digest for digest in manifests if digest_hex(digest) == wanted}
+            found |= {digest for digest in manifests if self._config_digest(digest)[len("sha256:"):].startswith(wanted)}
+            if len(found) == 1:
+                return found.pop()
+            if found:
+                raise PybuildError(f"image ID prefix {reference!r} matches {len(found)} images; give more digits")
+        if parsed is None and prefix is None:
+            parse_reference(reference)  # raises the reference syntax error
+        raise PybuildError(f"image {reference!r} is not in the local store {self.root}",
+                           hint="build it with -t NAME, or `pybuild load -i ARCHIVE` (for example one made with "
+                                "`skopeo copy docker://IMAGE oci-archive:FILE.tar:IMAGE`)")
+
+    def _config_digest(self, manifest_digest: str) -> str:
+        config = self._json_blob(manifest_digest, "manifest").get("config") or {}
+        return str(config.get("digest", ""))
+
+    def list(self) -> list[StoredImage]:
+        """Every image once, with all its names, newest first (for ``pybuild images``)."""
+        entries = self.entries()
+        images = [self._load(_plain(entry), self._names_of(entries, entry.digest))
+                  for entry in {entry.digest: entry for entry in entries}.values()]
+        return sorted(images, key=lambda stored: (stored.created, stored.names), reverse=True)
+
+    def remove(self, reference: str) -> tuple[str, ...]:
+        """Untag a name, or drop every name of an image given by digest or ID; returns the names removed.
+
+        An image whose last name goes leaves index.json; its blobs stay until ``gc()``.
+        """
+        removed: list[str] = []
+
+        def change(entries: list[Descriptor]) -> list[Descriptor]:
+            digest = self._find(reference, entries)
+            parsed = parse_reference(reference) if _REFERENCE.fullmatch(reference) else None
+            by_name = parsed is not None and parsed.digest is None and any(
+                _ref_name(entry) == parsed.name for entry in entries)
+            kept = []
+            for entry in entries:
+                if entry.digest == digest and (not by_name or _ref_name(entry) == parsed.name):
+                    removed.append(_ref_name(entry) or digest)
+                else:
+                    kept.append(entry)
+            return kept
+
+        self._update_index(change)
+        return tuple(removed)
+
+    def gc(self, keep: Collection[str] = ()) -> tuple[int, int]:
+        """Delete blobs that neither index.json nor ``keep`` (e.g. the build cache's layers) reaches.
+
+        Blobs written or re-written in the last GC_GRACE_SECONDS are spared, because a build running
+        now stores its layers before write_image() names them. Returns (blobs removed, bytes freed).
+        """
+        removed = freed = 0
+        cutoff = time.time() - GC_GRACE_SECONDS
+        with self._locked():
+            reachable = set(keep)
+            for entry in self.entries():
+                self._reach(entry.digest, reachable)
+            for digest in list(self.blobs.digests()):
+                path = self.blobs.path(digest)
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:
+                    continue
+                if digest not in reachable and stat.st_mtime < cutoff:
+                    self.blobs.remove(digest)
+                    removed, freed = removed + 1, freed + stat.st_size
+        return removed, freed
+
+    def _reach(self, digest: str, reachable: set[str]) -> None:
+        if digest in reachable:
+            return
+        reachable.add(digest)
+        value = self._json_blob(digest, "manifest")
+        for child in value.get("manifests") or []:
+            self._reach(child["digest"], reachable)
+        if "config" in value:
+            reachable.add(value["config"]["digest"])
+        reachable.update(layer["digest"] for layer in value.get("layers") or [])
+
+    # Import
+
+    def load_archive(self, path: Path, repository: str | None = None) -> list[str]:
+        """Load every image of an OCI archive or a ``docker save`` archive; returns names (or IDs when unnamed).
+
+        ``repository`` names entries whose ref.name annotation is a bare tag (``latest``), as containerd's
+        base name does; without it such images load unnamed.
+        """
+        return self._commit(self._import_archive(Path(path), repository))
+
+    def load_layout(self, directory: Path, repository: str | None = None) -> list[str]:
+        """Load every image of an OCI image layout directory (names as in ``load_archive``)."""
+        return self._commit(self._import_layout(Path(directory), repository))
+
+    def read_image_from_archive(self, path: Path) -> Image:
+        """The one image of an OCI or docker archive, its blobs copied into the store but left unnamed."""
+        return _single(self._import_archive(Path(path), None), str(path)).image
+
+    def read_image_from_layout(self, spec: str) -> Image:
+        """The image ``DIR[:REF]`` names in an OCI layout (REF as its ref.name annotation), without naming it."""
+        directory, ref = spec, None
+        if not Path(spec).is_dir():
+            # The directory is the shortest prefix before a colon that exists; the rest names the image.
+            for position in (index for index, char in enumerate(spec) if char == ":"):
+                if Path(spec[:position]).is_dir():
+                    directory, ref = spec[:position], spec[position + 1:]
+                    break
+        images = self._import_layout(Path(directory), None, names_of=_ref_names)
+        if ref is not None:
+            wanted = {ref, *_ref_names(Descriptor("", "", 0, annotations=((REF_NAME_ANNOTATION, ref),)))}
+            images = [stored for stored in images if wanted & set(stored.names)]
+            if not images:
+                raise PybuildError(f"OCI layout {directory} has no image named {ref!r}")
+        return _single(images, spec).image
+
+    def _commit(self, images: list[StoredImage]) -> list[str]:
+        """Name every imported image in one index.json update, so a failed import shows nothing."""
+
+        def change(entries: list[Descriptor]) -> list[Descriptor]:
+            for stored in images:
+                entries = retag(entries, stored.manifest, stored.names)
+            return entries
+
+        self._update_index(change)
+        loaded = [name for stored in images for name in (stored.names or (stored.image_id,))]
+        return list(dict.fromkeys(loaded))
+
+    def _import_layout(self, directory: Path, repository: str | None, *,
+                       names_of: EntryNames | None = None) -> list[StoredImage]:
+        try:
+            index = (directory / "index.json").read_bytes()
+        except OSError as exc:
+            raise PybuildError(f"{directory} is not an OCI image layout: {exc.strerror} reading index.json") from None
+
+        def fetch(descriptor: Descriptor) -> None:
+            if not self.blobs.has(descriptor.digest):
+                source = directory / "blobs" / "sha256" / digest_hex(descriptor.digest)
+                try:
+                    with open(source, "rb") as file, self.blobs.writer(expect=descriptor.digest) as out:
+                        shutil.copyfileobj(file, out.file, CHUNK)
+                except FileNotFoundError:
+                    raise PybuildError(f"OCI layout {directory} lacks blob {descriptor.digest}") from None
+            _check_size(self.blobs, descriptor)
+
+        names_of = names_of or (lambda entry: _entry_names(entry, repository))
+        return self._images_from_index(index, fetch, names_of, str(directory))
+
+    def _import_archive(self, path: Path, repository: str | None) -> list[StoredImage]:
+        contents = _read_archive(path, self.blobs)
+        if "index.json" in contents.metadata:
+            def fetch(descriptor: Descriptor) -> None:
+                if not self.blobs.has(descriptor.digest):
+                    raise PybuildError(f"archive {path} lacks blob {descriptor.digest}")
+                _check_size(self.blobs, descriptor)
+
+            return self._images_from_index(contents.metadata["index.json"], fetch,
+                                           lambda entry: _entry_names(entry, repository), str(path))
+        if "manifest.json" in contents.metadata:
+            return self._images_from_docker(contents, path)
+        raise PybuildError(f"{path} is neither an OCI archive nor a docker save archive: it has no index.json "
+                           "or manifest.json")
+
+    def _images_from_index(self, index: bytes, fetch: BlobFetcher, names_of: EntryNames,
+                           source: str) -> list[StoredImage]:
+        try:
+            value = json.loads(index)
+            entries = [Descriptor.from_json(item) for item in value.get("manifests") or []]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PybuildError(f"index.json of {source} is malformed: {exc}") from None
+        images = []
+        for entry in entries:
+            manifest = self._pick_platform(entry, fetch, source)
+            value = self._json_blob(manifest.digest, "manifest")
+            try:
+                children = [Descriptor.from_json(item) for item in [value["config"], *(value.get("layers") or [])]]
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise PybuildError(f"{source}: manifest {manifest.digest} is malformed: {exc}") from None
+            for child in children:
+                fetch(child)
+            stored = self._load(_plain(manifest), names_of(entry))
+            platform = manifest.platform or (("architecture", stored.image.architecture), ("os", stored.image.os))
+            images.append(replace(stored, manifest=replace(stored.manifest, platform=platform)))
+        return images
+
+    def _pick_platform(self, entry: Descriptor, fetch: BlobFetcher, source: str) -> Descriptor:
+        """A manifest descriptor; from a multi-platform index, this machine's platform (linux/amd64 here)."""
+        fetch(entry)
+        if entry.media_type in _MANIFEST_TYPES:
+            return entry
+        if entry.media_type not in _INDEX_TYPES:
+            raise PybuildError(f"{source}: index entry {entry.digest} has unsupported media type {entry.media_type!r}")
+        os_name, arch, variant = host_platform()
+        children = [Descriptor.from_json(item) for item in self._json_blob(entry.digest, "index").get("manifests")
+                    or []]
+        offered = []
+        for child in children:
+            platform = dict(child.platform)
+            offered.append("/".join(filter(None, (platform.get("os"), platform.get("architecture"),
+                                                  platform.get("variant")))))
+            if (platform.get("os"), platform.get("architecture")) == (os_name, arch) and (
+                    not variant or platform.get("variant", variant) == variant):
+                return self._pick_platform(child, fetch, source)
+        raise PybuildError(f"{source}: image index {entry.digest} has no {os_name}/{arch} image "
+                           f"(it offers {', '.join(offered) or 'none'})")
+
+    def _images_from_docker(self, contents: ArchiveContents, path: Path) -> list[StoredImage]:
+        try:
+            entries = json.loads(contents.metadata["manifest.json"])
+            if not isinstance(entries, list):
+                raise TypeError("it is not a list")
+            plan = [(str(entry["Config"]), [str(layer) for layer in entry["Layers"]], entry.get("RepoTags") or [])
+                    for entry in entries]
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PybuildError(f"manifest.json of {path} is malformed: {exc}") from None
+        images = []
+        for config_path, layer_paths, tags in plan:
+            config_digest = contents.blob(config_path, path)
+            config = self.blobs.read_bytes(config_digest)
+            layers = tuple(self._docker_layer(contents.blob(member, path)) for member in layer_paths)
+            image = image_from_config(config, layers)
+            for layer in image.layers:
+                if layer.media_type == MEDIA_LAYER and layer.digest != layer.diff_id:
+                    raise PybuildError(f"{path}: layer {layer.digest} does not match the diff ID {layer.diff_id} "
+                                       "its config records")
+            # The original config blob is kept, so the image ID stays the one docker showed.
+            manifest = manifest_json(Descriptor(MEDIA_CONFIG, config_digest, len(config)), layers)
+            platform = (("architecture", image.architecture), ("os", image.os))
+            descriptor = Descriptor(MEDIA_MANIFEST, self.blobs.put_bytes(manifest), len(manifest), platform=platform)
+            names = tuple(dict.fromkeys(normalize_name(str(tag)) for tag in tags))
+            images.append(StoredImage(_plain(descriptor), image, names, config_digest))
+        return images
+
+    def _docker_layer(self, digest: str) -> Layer:
+        """docker save layers are plain tars, but a gzip or zstd one is recognised by its magic bytes."""
+        with self.blobs.open(digest) as file:
+            magic = file.read(4)
+        media_type = MEDIA_LAYER_GZIP if magic[:2] == b"\x1f\x8b" else (
+            MEDIA_LAYER_ZSTD if magic == b"\x28\xb5\x2f\xfd" else MEDIA_LAYER)
+        return Layer(diff_id="", digest=digest, size=self.blobs.path(digest).stat().st_size, media_type=media_type)
+
+
+def _single(images: list[StoredImage], source: str) -> StoredImage:
+    distinct = {stored.manifest.digest: stored for stored in images}
+    if len(distinct) != 1:
+        raise PybuildError(f"{source} holds {len(distinct)} images; exactly one is needed here",
+                           hint="load it with `pybuild load` and use the image by name" if distinct else None)
+    return next(iter(distinct.values()))
+
+
+def _check_size(blobs: BlobStore, descriptor: Descriptor) -> None:
+    actual = blobs.path(descriptor.digest).stat().st_size
+    if actual != descriptor.size:
+        raise PybuildError(f"blob {descriptor.digest} has {actual} bytes but its descriptor says {descriptor.size}")
+
+
+def _entry_names(entry: Descriptor, repository: str | None) -> tuple[str, ...]:
+    """The name an index entry gives: containerd's full-name annotation, else ref.name.
+
+    A ref.name without ``:`` or ``/`` is a bare tag in OCI's sense; it gets ``repository``, or no name.
+    """
+    annotations = dict(entry.annotations)
+    if CONTAINERD_NAME_ANNOTATION in annotations:
+        return (normalize_name(annotations[CONTAINERD_NAME_ANNOTATION]),)
+    ref = annotations.get(REF_NAME_ANNOTATION)
+    if not ref:
+        return ()
+    if ":" in ref or "/" in ref:
+        return (normalize_name(ref),)
+    if repository is not None:
+        return (normalize_name(f"{normalize_name(repository).rsplit(':', 1)[0]}:{ref}"),)
+    return ()
+
+
+def _ref_names(entry: Descriptor) -> tuple[str, ...]:
+    """Every way a ``FROM oci-layout:DIR:REF`` may name an entry: its raw ref.name, or that as a full name."""
+    ref = _ref_name(entry)
+    if not ref:
+        return ()
+    try:
+        return (ref, normalize_name(ref))
+    except PybuildError:
+        return (ref,)
+
+
+# Reading archives
+
+_BLOB_MEMBER = re.compile(r"blobs/sha256/([0-9a-f]{64})")
+# docker save's own layout: <id>.json configs and <id>/layer.tar (or, from podman, <id>.tar) layers.
+_DOCKER_MEMBER = re.compile(r"[0-9a-f]{64}(?:\.json|\.tar|/layer\.tar)")
+_METADATA_MEMBERS = ("index.json", "oci-layout", "manifest.json")
+# docker save's legacy per-layer metadata: present in real archives, not needed.
+_QUIET_MEMBERS = re.compile(r"repositories|[0-9a-f]{64}/(?:json|VERSION)")
+
+
+@dataclass(frozen=True)
+class ArchiveContents:
+    """What an archive held: its small metadata files, and member name -> digest of each blob stored."""
+
+    metadata: dict[str, bytes]
+    members: dict[str, str]
+    links: dict[str, str]
+
+    def blob(self, member: str, archive: Path) -> str:
+        """The digest a member name refers to, following docker's links between identical layers."""
+        seen = set()
+        name = posixpath.normpath(member)
+        while name in self.links and name not in seen:
+            seen.add(name)
+            name = self.links[name]
+        digest = self.members.get(name)
+        if digest is None:
+            raise PybuildError(f"archive {archive} lacks {member!r}, which its manifest.json lists")
+        return digest
+
+
+def _read_archive(path: Path, blobs: BlobStore) -> ArchiveContents:
+    """Stream an archive member by member, storing blobs (verified) and keeping metadata; nothing else is written.
+
+    Member names are only matched against fixed patterns, never used as paths, so ``..``, absolute
+    names and links cannot reach outside the store; other members are skipped with a warning.
+    """
+    metadata: dict[str, bytes] = {}
+    members: dict[str, str] = {}
+    links: dict[str, str] = {}
+    try:
+        with tarfile.open(path, mode="r|*") as archive:
+            for member in archive:
+                name = member.name
+                while name.startswith("./"):
+                    name = name[2:]
+                if member.isdir() or _QUIET_MEMBERS.fullmatch(name):
+                    continue
+                blob = _BLOB_MEMBER.fullmatch(name)
+                if (member.issym() or member.islnk()) and _DOCKER_MEMBER.fullmatch(name):
+                    # docker links a layer shared by two images to the first copy; the link is only a name here.
+                    base = posixpath.dirname(name) if member.issym() else ""
+                    links[name] = posixpath.normpath(posixpath.join(base, member.linkname))
+                elif not member.isfile():
+                    log.warning("%s: ignoring member %s: not a regular file", path, member.name)
+                elif name in _METADATA_MEMBERS:
+                    if member.size > MAX_METADATA_BYTES:
+                        raise PybuildError(f"archive {path}: {name} is {member.size} bytes, too large to be real")
+                    metadata[name] = _extract(archive, member).read()
+                elif blob is not None or _DOCKER_MEMBER.fullmatch(name):
+                    expect = None if blob is None else "sha256:" + blob.group(1)
+                    with blobs.writer(expect=expect) as out:
+                        shutil.copyfileobj(_extract(archive, member), out.file, CHUNK)
+                    members[name] = out.digest
+                else:
+                    log.warning("%s: ignoring member %s: not part of an image archive", path, member.name)
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
+        raise PybuildError(f"cannot read archive {path}: {exc}") from None
+    except OSError as exc:
+        raise PybuildError(f"cannot read archive {path}: {exc.strerror or exc}") from None
+    return ArchiveContents(metadata, members, links)
+
+
+def _extract(archive: tarfile.TarFile, member: tarfile.TarInfo):
+    file = archive.extractfile(member)
+    if file is None:
+        raise PybuildError(f"archive member {member.name} has no content")
+    return file
+

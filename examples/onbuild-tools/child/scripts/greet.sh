@@ -1,0 +1,4 @@
+#!/bin/sh
+for name in "$@"; do
+    echo "hello, $name"
+done

@@ -1,0 +1,2 @@
+# what the previous run left behind
+ls "$SPOOL/done"

@@ -1,0 +1,197 @@
+"""The build context: .dockerignore rules, which ignore file applies, pattern syntax, and paths resolved in a root."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from builder.context import (
+    BuildContext,
+    PathEscape,
+    PathMatcher,
+    SourceTree,
+    has_wildcards,
+    read_ignore_file,
+    resolve_in_root,
+    translate,
+)
+from parser.errors import PybuildError
+
+# (patterns, path, excluded)
+IGNORE_CASES = [
+    (["*.txt"], "a.txt", True),
+    (["*.txt"], "dir/a.txt", False),  # no implicit "any depth", unlike .gitignore
+    (["**/*.txt"], "dir/sub/a.txt", True),
+    (["**/*.txt"], "a.txt", True),
+    (["dir"], "dir/sub/a.txt", True),  # a parent matched
+    (["dir/"], "dir/a", True),  # cleaned: trailing slash dropped
+    (["/dir"], "dir/a", True),  # leading slash ignored
+    (["./dir/../other"], "other", True),  # cleaned
+    (["dir/**"], "dir/a/b", True),
+    (["dir/**"], "dir", False),
+    (["**"], "anything/at/all", True),
+    (["a?c"], "abc", True),
+    (["a?c"], "a/c", False),  # ? never matches a separator
+    (["[a-c]x"], "bx", True),
+    (["[^a-c]x"], "dx", True),
+    (["[^a-c]x"], "ax", False),
+    (["\\*x"], "*x", True),
+    (["\\*x"], "ax", False),
+    (["*", "!keep"], "keep", False),
+    (["*", "!keep"], "drop", True),
+    (["!keep", "*"], "keep", True),  # the last match wins
+    (["logs", "!logs/keep"], "logs/keep/f", False),
+    (["logs", "!logs/keep"], "logs/other", True),
+    (["a/c", "!a"], "a/c", False),  # "!a" matches a parent, and comes last
+    (["  spaced.txt  "], "spaced.txt", True),
+    (["! neg", "neg"], "neg", True),
+    (["*/tmp"], "d/tmp/x", True),
+    (["*/tmp"], "tmp", False),
+    (["a**b"], "a/x/b", True),  # ** not followed by / still spans directories
+    ([".*"], ".env", True),
+    ([".*"], "dir/.env", False),
+]
+
+
+@pytest.mark.parametrize(("patterns", "path", "excluded"), IGNORE_CASES)
+def test_ignore_rules(patterns: list[str], path: str, excluded: bool) -> None:
+    assert PathMatcher(patterns, origin=".dockerignore").excluded(path) is excluded
+
+
+@pytest.mark.parametrize(("patterns", "directory", "reinclude"), [
+    (["build", "!build/out/keep"], "build", True),
+    (["build", "!build/out/keep"], "build/out", True),
+    (["build", "!build/out/keep"], "other", False),
+    (["build", "!**/keep"], "build", False),  # BuildKit only looks for a literal prefix
+])
+def test_excluded_directories_searched_only_for_named_exceptions(patterns: list[str], directory: str,
+                                                                 reinclude: bool) -> None:
+    assert PathMatcher(patterns, origin=".dockerignore").may_reinclude_under(directory) is reinclude
+
+
+def test_ignore_file_syntax() -> None:
+    text = "\ufeff# comment\n\n  a  \n #not a comment\n!b\r\n"
+    assert read_ignore_file(text.encode()) == ["  a  ", " #not a comment", "!b"]
+
+
+def test_bad_ignore_pattern_is_one_clear_error() -> None:
+    with pytest.raises(PybuildError, match=r"\.dockerignore: invalid pattern '\[a': syntax error in pattern"):
+        PathMatcher(["[a"], origin=".dockerignore")
+
+
+@pytest.mark.parametrize(("pattern", "double_star", "matches", "misses"), [
+    ("*.go", False, ["a.go", ".go"], ["a/b.go", "a.goo"]),
+    ("**/x", False, ["b/x"], ["a/b/x", "x"]),  # without double_star, ** is two stars in one segment
+    ("**/x", True, ["x", "a/x", "a/b/x"], ["ax"]),
+    ("a[\\]]b", False, ["a]b"], ["ab"]),
+    ("[a-c][!]", False, ["b!"], ["d!", "a]"]),
+])
+def test_translate(pattern: str, double_star: bool, matches: list[str], misses: list[str]) -> None:
+    regex = re.compile(translate(pattern, double_star=double_star))
+    assert all(regex.fullmatch(path) for path in matches)
+    assert not any(regex.fullmatch(path) for path in misses)
+
+
+@pytest.mark.parametrize("pattern", ["[a-]", "[", "a\\", "[]a]", "[c-a]"])
+def test_translate_refuses_malformed_patterns(pattern: str) -> None:
+    with pytest.raises(ValueError, match="syntax error in pattern"):
+        translate(pattern, double_star=False)
+
+
+@pytest.mark.parametrize(("segment", "wildcard"), [
+    ("a.txt", False), ("*.txt", True), ("a?", True), ("[ab]", True), ("a\\*", False), ("a\\\\*", True),
+])
+def test_has_wildcards(segment: str, wildcard: bool) -> None:
+    assert has_wildcards(segment) is wildcard
+
+
+def test_dockerfile_specific_ignore_file_wins(tmp_path: Path) -> None:
+    context = tmp_path / "ctx"
+    (context / "sub").mkdir(parents=True)
+    (context / ".dockerignore").write_text("a\n")
+    (context / "a").write_text("a")
+    (context / "b").write_text("b")
+    dockerfile = context / "sub" / "app.Dockerfile"
+    dockerfile.write_text("FROM scratch\n")
+    assert BuildContext(context).ignore_file == context / ".dockerignore"
+    assert not BuildContext(context).present("a", is_dir=False)
+    (context / "sub" / "app.Dockerfile.dockerignore").write_text("b\n")
+    specific = BuildContext(context, dockerfile_path=dockerfile)
+    assert specific.ignore_file == context / "sub" / "app.Dockerfile.dockerignore"
+    assert specific.present("a", is_dir=False)
+    assert not specific.present("b", is_dir=False)
+
+
+def test_no_ignore_file(tmp_path: Path) -> None:
+    context = BuildContext(tmp_path)
+    assert context.ignore_file is None
+    assert context.ignore is None
+    assert context.root == tmp_path.resolve()
+
+
+def test_find_sorted_and_honouring_ignores(tmp_path: Path) -> None:
+    for name in ("b.txt", "a.txt", "c.md", "d/e.txt", "skip.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    (tmp_path / ".dockerignore").write_text("skip.txt\n")
+    context = BuildContext(tmp_path)
+    assert [match.path for match in context.find("*.txt", verb="COPY", source="*.txt")] == ["a.txt", "b.txt"]
+    assert [match.path for match in context.find("*/*.txt", verb="COPY", source="x")] == ["d/e.txt"]
+    assert [match.path for match in context.find("**/*.txt", verb="COPY", source="x", recursive=True)] == [
+        "a.txt", "b.txt", "d/e.txt"]
+    assert context.find("skip.txt", verb="COPY", source="skip.txt") == []
+
+
+# (links to create, path, expected result relative to root)
+RESOLVE_CASES = [
+    ({}, "/a/b", "a/b"),
+    ({"l": "/real"}, "/l/x", "real/x"),
+    ({"l": "real"}, "/l/x", "real/x"),
+    ({"l": "../../../../real"}, "/l", "real"),  # .. stops at the root
+    ({"d/l": "../t"}, "/d/l/x", "t/x"),
+    ({"a": "b", "b": "c"}, "/a", "c"),
+    ({"x": "/y", "y": "z"}, "x/f", "z/f"),
+    ({}, "/../../etc", "etc"),
+]
+
+
+@pytest.mark.parametrize(("links", "path", "expect"), RESOLVE_CASES)
+def test_resolve_in_root(links: dict[str, str], path: str, expect: str, tmp_path: Path) -> None:
+    for name, target in links.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).symlink_to(target)
+    assert resolve_in_root(tmp_path, path) == tmp_path / expect
+
+
+def test_resolve_without_following_the_last_link(tmp_path: Path) -> None:
+    (tmp_path / "l").symlink_to("/elsewhere")
+    assert resolve_in_root(tmp_path, "/l", follow_last=False) == tmp_path / "l"
+
+
+def test_link_loops_are_an_error(tmp_path: Path) -> None:
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    with pytest.raises(PybuildError, match="too many levels of symbolic links"):
+        resolve_in_root(tmp_path, "/a")
+
+
+@pytest.mark.parametrize(("link", "target"), [("up", "../outside"), ("abs", "/etc"), ("deep/l", "../../x")])
+def test_confined_resolution_refuses_escapes(link: str, target: str, tmp_path: Path) -> None:
+    (tmp_path / link).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / link).symlink_to(target)
+    with pytest.raises(PathEscape) as caught:
+        resolve_in_root(tmp_path, f"/{link}/f", confined=True)
+    assert caught.value.link == link
+
+
+def test_context_refuses_paths_out_but_a_root_filesystem_clamps(tmp_path: Path) -> None:
+    with pytest.raises(PybuildError, match="COPY ../x: forbidden path outside the build context"):
+        BuildContext(tmp_path).relative("../x", "COPY")
+    assert BuildContext(tmp_path).relative("/x/./y/", "COPY") == "x/y"
+    assert SourceTree(tmp_path).relative("../x", "COPY") == "x"
+    os.symlink("/etc", tmp_path / "etc-link")
+    with pytest.raises(PybuildError, match="ADD etc-link/passwd: symlink etc-link leads outside the build context"):
+        BuildContext(tmp_path).find("etc-link/passwd", verb="ADD", source="etc-link/passwd")

@@ -1,0 +1,107 @@
+"""Metadata instructions edit the image config as docker does; run without root or a sandbox."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from builder.image import Healthcheck, config_json
+from builder.steps import STEPS, StageState, scratch_state
+from parser import parse
+
+
+@dataclass
+class FakeContext:
+    escape: str = "\\"
+    build_args: dict[str, str] = field(default_factory=dict)
+    global_args: dict[str, str] = field(default_factory=dict)
+
+    def make_workdir(self, state: StageState, path: str) -> StageState:
+        return state  # creating the directory is the solver's job, tested end to end
+
+
+def apply(text: str, state: StageState | None = None, **context) -> StageState:
+    ctx = FakeContext(**context)
+    state = state or scratch_state("1970-01-01T00:00:00Z")
+    for instruction in parse(text).instructions[1:]:  # after the FROM
+        state = STEPS[type(instruction)](ctx, state, instruction)
+    return state
+
+
+PATH = ("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+
+CONFIG_CASES = [
+    ("ENV sets and keeps order", "ENV A=1 B=2\nENV A=3\n", "env", (PATH, ("A", "3"), ("B", "2"))),
+    ("ENV expands earlier ENV", "ENV A=x\nENV B=${A}y\n", "env", (PATH, ("A", "x"), ("B", "xy"))),
+    ("ARG is not in the config", "ARG A=1\nENV B=$A\n", "env", (PATH, ("B", "1"))),
+    ("ENV wins over ARG", "ARG A=arg\nENV A=env\nENV B=$A\n", "env", (PATH, ("A", "env"), ("B", "env"))),
+    ("LABEL sorted, last wins", "LABEL b=2 a=1\nLABEL b=3\n", "labels", (("a", "1"), ("b", "3"))),
+    ("EXPOSE normalizes", "EXPOSE 80 53/udp 8000-8002/TCP\n", "exposed_ports",
+     ("80/tcp", "53/udp", "8000/tcp", "8001/tcp", "8002/tcp")),
+    ("VOLUME", "VOLUME /data /logs /data\n", "volumes", ("/data", "/logs")),
+    ("VOLUME json", 'VOLUME ["/logs", "/data"]\n', "volumes", ("/logs", "/data")),
+    ("USER", "ARG U=www\nUSER $U:staff\n", "user", "www:staff"),
+    ("WORKDIR is relative to the previous one", "ENV D=/srv\nWORKDIR $D\nWORKDIR app/../web\n", "working_dir",
+     "/srv/web"),
+    ("CMD shell form", "CMD echo hi\n", "cmd", ("/bin/sh", "-c", "echo hi")),
+    ("CMD exec form", 'CMD ["echo", "hi"]\n', "cmd", ("echo", "hi")),
+    ("SHELL changes shell form", 'SHELL ["/bin/bash", "-xc"]\nCMD echo\n', "cmd", ("/bin/bash", "-xc", "echo")),
+    ("ENTRYPOINT after CMD in the stage keeps CMD", 'CMD ["a"]\nENTRYPOINT ["b"]\n', "cmd", ("a",)),
+    ("STOPSIGNAL", "STOPSIGNAL SIGTERM\n", "stop_signal", "SIGTERM"),
+    ("HEALTHCHECK shell", "HEALTHCHECK --interval=5s --retries=2 CMD wget -q localhost\n", "healthcheck",
+     Healthcheck(test=("CMD-SHELL", "wget -q localhost"), interval=5_000_000_000, retries=2)),
+    ("HEALTHCHECK exec", 'HEALTHCHECK CMD ["true"]\n', "healthcheck", Healthcheck(test=("CMD", "true"))),
+    ("HEALTHCHECK NONE", "HEALTHCHECK NONE\n", "healthcheck", Healthcheck(test=("NONE",))),
+    ("ONBUILD keeps the expression", "ONBUILD RUN echo $X\n", "on_build", ("RUN echo $X",)),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "attribute", "expected"), CONFIG_CASES,
+                         ids=[case[0] for case in CONFIG_CASES])
+def test_config(name: str, text: str, attribute: str, expected: object) -> None:
+    state = apply("FROM scratch\n" + text)
+    assert getattr(state.image.config, attribute) == expected
+
+
+def test_entrypoint_drops_inherited_cmd() -> None:
+    base = apply('FROM scratch\nCMD ["sh"]\n')
+    child = apply('FROM scratch\nENTRYPOINT ["httpd"]\n', StageState(image=base.image))
+    assert child.image.config.entrypoint == ("httpd",)
+    assert child.image.config.cmd is None
+
+
+def test_build_args_override_defaults_and_globals() -> None:
+    state = apply("FROM scratch\nARG A=default\nARG G\nARG B\nENV X=$A-$G-${B:-unset}\n",
+                  build_args={"A": "given"}, global_args={"G": "global"})
+    assert dict(state.image.config.env)["X"] == "given-global-unset"
+
+
+def test_metadata_steps_add_empty_history() -> None:
+    state = apply("FROM scratch\nENV A=1\nLABEL a=b\nEXPOSE 80\nUSER www\nMAINTAINER me <me@x>\n")
+    assert [(entry.created_by, entry.empty_layer) for entry in state.image.history] == [
+        ("ENV A=1", True), ("LABEL a=b", True), ("EXPOSE 80", True), ("USER www", True),
+        ("MAINTAINER me <me@x>", True)]
+    assert state.image.author == "me <me@x>"
+
+
+def test_config_json_is_deterministic_and_complete() -> None:
+    state = apply('FROM scratch\nENV A=1\nLABEL l=v\nEXPOSE 80\nVOLUME /d\nWORKDIR /w\nUSER u\n'
+                  'ENTRYPOINT ["e"]\nCMD ["c"]\nSTOPSIGNAL SIGINT\nHEALTHCHECK CMD true\n')
+    text = config_json(state.image)
+    assert text == config_json(state.image)
+    assert text.startswith(b'{"created":"1970-01-01T00:00:00Z","architecture":')
+    assert (b'"config":{"User":"u","ExposedPorts":{"80/tcp":{}},"Env":["PATH=/usr/local/sbin:/usr/local/bin:'
+            b'/usr/sbin:/usr/bin:/sbin:/bin","A=1"],"Entrypoint":["e"],"Cmd":["c"],"Volumes":{"/d":{}},'
+            b'"WorkingDir":"/w","Labels":{"l":"v"},"StopSignal":"SIGINT","Healthcheck":{"Test":["CMD-SHELL",'
+            b'"true"]}}') in text
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("EXPOSE 80/xyz\n", "invalid port '80/xyz'"),
+    ("EXPOSE 0\n", "invalid port range '0'"),
+    ("STOPSIGNAL 'bad sig'\n", "invalid signal"),
+])
+def test_metadata_errors(text: str, message: str) -> None:
+    with pytest.raises(Exception, match=message):
+        apply("FROM scratch\n" + text)
