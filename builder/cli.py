@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -280,6 +281,17 @@ def debug_ast(file: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; a user's mistake is printed as one clear message, never a traceback."""
+    code = _run(argv)
+    if threading.active_count() > 1:
+        # A failed or interrupted build may leave a stage thread inside a long step; exiting now kills its
+        # sandbox (the kernel signals it when its thread dies) and drops the build's private mounts.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         cli.main(args=argv, prog_name="pybuild", standalone_mode=False)
     except PybuildError as exc:
@@ -288,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return exc.exit_code
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+        click.echo("interrupted", err=True)
         return 130
     except click.ClickException as exc:
         exc.show()

@@ -39,13 +39,18 @@ class TmpfsMount:
 
 @dataclass(frozen=True)
 class SecretMount:
-    """A file the builder wrote to a private temp dir, shown read-only at ``target``, never copied into the rootfs."""
+    """A secret shown read-only at ``target``, never copied into the rootfs.
 
-    source: Path
+    ``content`` travels to the sandbox on its private pipe, so a secret from an environment variable
+    never touches a disk; otherwise the sandbox copies ``source``.
+    """
+
+    source: Path | None
     target: str
     mode: int = 0o400
     uid: int = 0
     gid: int = 0
+    content: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,7 @@ def _plan(spec: SandboxSpec, rootfs: Path, created: list[Path]) -> dict:
         else:
             target = _mount_point(rootfs, mount.target, False, created)
             mounts.append({"kind": "secret", "shown": mount.target, "source": str(mount.source),
+                           "content": mount.content,
                            "target": str(target), "mode": mount.mode, "uid": mount.uid, "gid": mount.gid})
     return {
         "parent": os.getpid(), "rootfs": str(rootfs), "proc": str(proc), "dev": str(dev), "mounts": mounts,

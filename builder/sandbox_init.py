@@ -195,8 +195,10 @@ def _mount(mount: dict, staged: str) -> None:
         _bind_staged_copy(mount["content"], staged, target, 0o644, 0, 0)
     else:
         # A copy gets the requested owner and mode without touching the builder's file.
-        with open(mount["source"], "rb") as handle:
-            content = handle.read()
+        content = mount["content"]
+        if content is None:
+            with open(mount["source"], "rb") as handle:
+                content = handle.read()
         _bind_staged_copy(content, staged, target, mount["mode"], mount["uid"], mount["gid"])
 
 

@@ -90,21 +90,30 @@ class Solver:
         self.snapshots = Snapshots(state_root / "snapshots")
         self.tmp_root = state_root / "tmp"
         self.tmp_root.mkdir(parents=True, exist_ok=True)
+        sweep_stale_scratch(self.tmp_root)
         self.context = BuildContext(options.context, dockerfile_path=options.dockerfile_path)
         self.created = epoch_timestamp(options.source_date_epoch)
         self.futures: dict[int, Future[StageResult]] = {}
         self.failed = threading.Event()
 
+    def scratch_dir(self) -> Path:
+        """A work dir for one step, named by this process so a later build can tell it is stale."""
+        return Path(tempfile.mkdtemp(dir=self.tmp_root, prefix=f"step-{os.getpid()}-"))
+
     def solve(self) -> oci.Image:
         workers = max(1, min(len(self.graph.needed), os.cpu_count() or 1))
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage") as pool:
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="stage")
+        try:
             for index in self.graph.needed:
                 self.futures[index] = pool.submit(self._build_stage_guarded, self.graph.stages[index])
-            try:
-                return self.futures[self.graph.target].result().image
-            except BaseException:
-                self.failed.set()
-                raise
+            image = self.futures[self.graph.target].result().image
+        except BaseException:
+            # Do not wait for other stages' running steps: the CLI exits, and their sandboxes die with it.
+            self.failed.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+        return image
 
     def stage_result(self, index: int) -> StageResult:
         future = self.futures.get(index)
@@ -221,7 +230,7 @@ class StepContext:
         """A read-only view of an image's root filesystem (writes go to a throw-away upper dir)."""
         from builder.snapshot import mounted_root
 
-        scratch = Path(tempfile.mkdtemp(dir=self.solver.tmp_root))
+        scratch = self.solver.scratch_dir()
         try:
             lowers = [self.solver.snapshots.path(layer.diff_id) for layer in image.layers]
             with mounted_root(lowers, scratch) as root:
@@ -262,7 +271,7 @@ class StepContext:
         solver = self.solver
         layers = () if independent else state.image.layers
         lowers = [solver.snapshots.path(layer.diff_id) for layer in layers]
-        scratch = Path(tempfile.mkdtemp(dir=solver.tmp_root))
+        scratch = solver.scratch_dir()
         try:
             with mounted_root(lowers, scratch) as root:
                 action(root.merged)
@@ -361,10 +370,9 @@ class StepContext:
                 except sandbox.SandboxError as exc:
                     raise PybuildError(f"RUN: {exc.message}", instruction.location, hint=exc.hint) from None
             if code != 0:
-                tail = "\n".join(progress.last_lines(step)[-5:])
-                shown = " ".join(argv)
-                message = f"RUN failed: `{shown}` exited with code {code}"
-                raise RunFailed(message + (f"; its last output:\n{tail}" if tail else ""), instruction.location,
+                tail = "".join(f"\n  > {line}" for line in progress.last_lines(step)[-5:])
+                message = f"RUN failed with exit code {code}\ncommand: {' '.join(argv)}"
+                raise RunFailed(message + (f"\nlast output:{tail}" if tail else ""), instruction.location,
                                 exit_code=code if 0 < code < 256 else 1)
 
         return self.change(state, created_by, action)
@@ -396,16 +404,19 @@ class StepContext:
                 env[mount.env] = value.decode()
                 if not mount.target:
                     return None
-            directory = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=self.solver.tmp_root)))
-            os.chmod(directory, 0o700)
-            path = directory / "secret"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(value)
-            return sandbox.SecretMount(source=path, target=mount.target or f"/run/secrets/{secret_id}",
+            return sandbox.SecretMount(source=None, content=value,
+                                       target=mount.target or f"/run/secrets/{secret_id}",
                                        mode=int(mount.mode, 8) if mount.mode else 0o400,
                                        uid=int(mount.uid or 0), gid=int(mount.gid or 0))
         raise PybuildError(f"RUN --mount=type={kind} is not supported by pybuild yet", instruction.location)
+
+
+def sweep_stale_scratch(tmp_root: Path) -> None:
+    """Remove step dirs left by builds that were killed (their process is gone)."""
+    for entry in tmp_root.glob("step-*-*"):
+        pid = entry.name.split("-")[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def posixpath_basename(path: str) -> str:

@@ -39,17 +39,23 @@ class PybuildError(Exception):
         self.exit_code = exit_code
 
     def render(self) -> str:
-        """The message as the CLI prints it: ``FILE:LINE:COL: message``, the line, a caret."""
+        """The message as the CLI prints it: ``FILE:LINE:COL: message``, the line, a caret.
+
+        A message's lines after the first (a failed command's output, say) follow the source line.
+        """
+        first, _, details = self.message.partition("\n")
         if self.location is None:
-            head = f"error: {self.message}"
+            head = f"error: {first}"
         else:
             loc = self.location
-            head = f"{loc.file}:{loc.start_line}:{loc.column}: {self.message}"
+            head = f"{loc.file}:{loc.start_line}:{loc.column}: {first}"
         lines = [head]
         if self.source_line is not None and self.location is not None:
             text = self.source_line.rstrip("\r\n").expandtabs(1)
             lines.append(f"  {text}")
             lines.append("  " + " " * (max(self.location.column, 1) - 1) + "^")
+        if details:
+            lines.append(details)
         if self.hint:
             lines.append(f"hint: {self.hint}")
         return "\n".join(lines)
