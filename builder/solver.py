@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from builder import image as oci
-from builder.graph import PREDEFINED_ARGS, BuildGraph, Stage, host_platform
+from builder.graph import PREDEFINED_ARGS, BuildGraph, Stage, host_platform, platform_args
 from builder.progress import Progress
 from builder.steps import STEPS, StageState, describe, scratch_state
 from parser.errors import PybuildError
@@ -172,7 +172,10 @@ class StepContext:
 
     @property
     def global_args(self) -> dict[str, str]:
-        return {name: value for name, value in self.solver.graph.global_args if value is not None}
+        """What an ``ARG NAME`` without a value takes: the automatic platform ARGs and the global ARGs."""
+        values = platform_args()
+        values.update((name, value) for name, value in self.solver.graph.global_args if value is not None)
+        return values
 
     def step(self, state: StageState, instruction: Instruction, title: str) -> StageState:
         progress = self.solver.progress
@@ -385,9 +388,17 @@ class StepContext:
         if kind == "bind":
             if not mount.readonly and mount.readonly is not None:
                 raise PybuildError("RUN --mount=type=bind,rw is not supported by pybuild yet", instruction.location)
+            from builder.context import PathEscape, SourceTree, resolve_in_root
+
             source = stack.enter_context(self.source_root(mount.from_, instruction))
-            base = source.root if hasattr(source, "root") else source
-            path = _inside(Path(base), mount.source or "/", instruction)
+            base = source.root if isinstance(source, SourceTree) else source
+            try:
+                path = resolve_in_root(Path(base), mount.source or "/", confined=isinstance(source, SourceTree))
+            except PathEscape:
+                raise PybuildError(f"RUN --mount source {mount.source!r} leads outside its root",
+                                   instruction.location) from None
+            if not path.exists():
+                raise PybuildError(f"RUN --mount source {mount.source!r} does not exist", instruction.location)
             return sandbox.BindMount(source=path, target=_absolute(mount.target), readonly=True)
         if kind == "tmpfs":
             return sandbox.TmpfsMount(target=_absolute(mount.target), size=int(mount.size) if mount.size else None)
@@ -425,13 +436,3 @@ def posixpath_basename(path: str) -> str:
 
 def _absolute(target: str | None) -> str:
     return target if (target or "").startswith("/") else "/" + (target or "")
-
-
-def _inside(base: Path, relative: str, instruction: Instruction) -> Path:
-    """A bind mount's source path within its root; leading out of it is refused."""
-    resolved = (base / relative.lstrip("/")).resolve()
-    if resolved != base.resolve() and base.resolve() not in resolved.parents:
-        raise PybuildError(f"RUN --mount source {relative!r} leads outside its root", instruction.location)
-    if not resolved.exists():
-        raise PybuildError(f"RUN --mount source {relative!r} does not exist", instruction.location)
-    return resolved

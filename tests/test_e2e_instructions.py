@@ -87,8 +87,8 @@ CASES = [
     Case("from-scratch", "FROM scratch\nCOPY a.txt /a.txt\n", {"a.txt": "a\n"},
          files={"/a.txt": "file 0644 0:0"}, absent=("/bin", "/etc"), config={"Cmd": None, "Entrypoint": None}),
     # without a USER, RUN runs as root (0:0) whether or not the image has an /etc/passwd
-    Case("from-scratch-run-without-passwd", "FROM scratch\nCOPY --from=busybox-base /bin/busybox /bb\n"
-         'RUN ["/bb", "sh", "-c", "/bb id -u > /uid"]\n', contents={"/uid": "0\n"}),
+    Case("from-scratch-run-without-passwd", "FROM scratch\nCOPY --from=busybox-base /bin/busybox /busybox\n"
+         'RUN ["/busybox", "sh", "-c", "/busybox id -u > /uid"]\n', contents={"/uid": "0\n"}),
     Case("from-store-name", B + "RUN echo ok > /ok\n", contents={"/ok": "ok\n"},
          config={"Cmd": ["sh"], "Env": [f"PATH={BASE_PATH}"]}, files={"/bin/busybox": "file 0755 0:0"}),
     Case("from-stage", stage("one") + "RUN echo 1 > /one\nFROM one AS two\nRUN echo 2 > /two\n",
