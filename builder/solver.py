@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -266,18 +267,27 @@ class StepContext:
     # Filesystem changes
 
     def change(self, state: StageState, created_by: str, action: Callable[[Path], None], *,
-               independent: bool = False) -> StageState:
-        """Apply ``action`` to the stage's root; what it changed becomes a layer (or an empty history entry)."""
+               independent: bool = False, direct: bool = False) -> StageState:
+        """Apply ``action`` to the stage's root; what it changed becomes a layer (or an empty history entry).
+
+        ``direct``: ``action`` writes only additions into an empty layer dir instead of a mounted root.
+        """
+        from builder.diff import LowerView
         from builder.layer import write_layer
-        from builder.snapshot import mounted_root
+        from builder.snapshot import StepRoot, mounted_root
 
         solver = self.solver
         layers = () if independent else state.image.layers
         lowers = [solver.snapshots.path(layer.diff_id) for layer in layers]
         scratch = solver.scratch_dir()
         try:
-            with mounted_root(lowers, scratch) as root:
-                action(root.merged)
+            if direct:
+                root = StepRoot(merged=scratch / "layer", upper=scratch / "layer", lower_stat=LowerView(lowers).stat)
+                root.upper.mkdir()
+                action(root.upper)
+            else:
+                with mounted_root(lowers, scratch) as root:
+                    action(root.merged)
             with solver.blobs.writer() as out:
                 layer = write_layer(root.upper, out.file, compression=solver.options.compression,
                                     source_date_epoch=solver.options.source_date_epoch,
@@ -309,37 +319,49 @@ class StepContext:
         return self.change(base, created_by, action)
 
     def copy(self, state: StageState, instruction: Copy | Add, expanded: Copy | Add) -> StageState:
-        from builder.copy import copy_into, write_inline
+        """COPY and ADD write straight into a fresh layer dir, reading the image only to place files.
+
+        Creating files through an overlay mount costs about ten times what it costs in a plain
+        directory, and a copy never deletes anything, so its change needs no overlay upper dir.
+        """
+        from builder.context import resolve_in_root
+        from builder.copy import container_path, copy_into, write_inline
         from builder.users import resolve_chown
 
         is_add = isinstance(expanded, Add)
         if is_add and expanded.unpack is not None:
             raise PybuildError("ADD --unpack is not supported by pybuild yet", instruction.location)
+        inline = len(expanded.source_contents)
+        if inline and inline + len(expanded.sources) > 1 and not expanded.dest.endswith("/"):
+            raise PybuildError(f"{type(expanded).__name__.upper()} with more than one source needs a "
+                               "destination directory ending in /", instruction.location)
         from_ = expanded.from_ if isinstance(expanded, Copy) else None
         workdir = state.image.config.working_dir or "/"
+        below = oci.Image() if expanded.link else state.image  # --link: a layer independent of what is below
 
-        with self.source_root(from_, instruction) as source:
-            inline = len(expanded.source_contents)
-            if inline and inline + len(expanded.sources) > 1 and not expanded.dest.endswith("/"):
-                raise PybuildError(f"{type(expanded).__name__.upper()} with more than one source needs a "
-                                   "destination directory ending in /", instruction.location)
+        with self.source_root(from_, instruction) as source, self.mounted_image(below) as view:
+            chown = resolve_chown(view, expanded.chown) if expanded.chown else None
+            target = container_path(workdir, expanded.dest)
+            real = resolve_in_root(view, target).relative_to(view)
+            is_directory = expanded.dest.endswith(("/", "/.")) or expanded.dest == "."
+            dest = "/" + str(real).lstrip(".").lstrip("/") + ("/" if is_directory else "")
 
-            def action(root: Path) -> None:
-                chown = resolve_chown(root, expanded.chown) if expanded.chown else None
+            def action(layer_dir: Path) -> None:
+                _replicate_directories(view, layer_dir, real)
                 for heredoc in expanded.source_contents:
                     body = heredoc.content
                     if heredoc.chomp:
                         body = "".join(line.lstrip("\t") for line in body.splitlines(keepends=True))
-                    write_inline(root, heredoc.name, body.encode(), expanded.dest, workdir=workdir,
-                                 chown=chown, chmod=expanded.chmod)
+                    write_inline(layer_dir, heredoc.name, body.encode(), dest, chown=chown, chmod=expanded.chmod)
                 if expanded.sources:
-                    copy_into(root, expanded.sources, expanded.dest, source=source, workdir=workdir, chown=chown,
+                    copy_into(layer_dir, expanded.sources, dest, source=source, chown=chown,
                               chmod=expanded.chmod, parents=getattr(expanded, "parents", False),
                               excludes=expanded.excludes, is_add=is_add,
                               checksum=getattr(expanded, "checksum", None),
                               keep_git_dir=bool(getattr(expanded, "keep_git_dir", False)))
 
-            return self.change(state, describe(instruction).split("\n")[0], action, independent=expanded.link)
+            return self.change(state, describe(instruction).split("\n")[0], action, independent=expanded.link,
+                               direct=True)
 
     def run(self, state: StageState, instruction: Run, argv: tuple[str, ...], created_by: str,
             mounts: tuple[Mount, ...], network: str | None) -> StageState:
@@ -420,6 +442,27 @@ class StepContext:
                                        mode=int(mount.mode, 8) if mount.mode else 0o400,
                                        uid=int(mount.uid or 0), gid=int(mount.gid or 0))
         raise PybuildError(f"RUN --mount=type={kind} is not supported by pybuild yet", instruction.location)
+
+
+def _replicate_directories(view: Path, layer_dir: Path, path: Path) -> None:
+    """Give the layer dir the image's existing directories along ``path``, with their metadata.
+
+    Copying then sees the destination as it is in the image (an existing directory is merged into,
+    not replaced), and directories left unchanged are dropped from the layer by the layer writer.
+    """
+    current_view, current_layer = view, layer_dir
+    for name in path.parts:
+        current_view, current_layer = current_view / name, current_layer / name
+        try:
+            st = os.lstat(current_view)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISDIR(st.st_mode):
+            return
+        current_layer.mkdir()
+        os.chown(current_layer, st.st_uid, st.st_gid)
+        os.chmod(current_layer, stat.S_IMODE(st.st_mode))
+        os.utime(current_layer, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def sweep_stale_scratch(tmp_root: Path) -> None:
