@@ -215,9 +215,9 @@ class StepContext:
                 image = store.read_image_from_layout(reference.removeprefix("oci-layout:"))
             else:
                 image = store.resolve(reference).image
+            self._ensure_snapshots(image)
         except PybuildError as exc:
-            raise PybuildError(str(exc.message), where.location if where else None, hint=exc.hint) from None
-        self._ensure_snapshots(image)
+            raise PybuildError(exc.message, where.location if where else None, hint=exc.hint) from None
         os_name, arch, _ = host_platform()
         if (image.os, image.architecture) != (os_name, arch):
             raise PybuildError(f"image {reference} is for {image.os}/{image.architecture}; this machine runs "
@@ -227,7 +227,13 @@ class StepContext:
     def _ensure_snapshots(self, image: oci.Image) -> None:
         for layer in image.layers:
             if not self.solver.snapshots.has(layer.diff_id):
-                self.solver.snapshots.unpack(layer.diff_id, self.solver.blobs.path(layer.digest))
+                blob = self.solver.blobs.path(layer.digest)
+                try:
+                    self.solver.snapshots.unpack(layer.diff_id, blob)
+                except PybuildError as exc:
+                    raise PybuildError(f"cannot unpack layer blob {layer.digest}: {exc.message}",
+                                       hint=f"if the blob is damaged, remove {blob} and load or build the image "
+                                            "again") from None
 
     @contextlib.contextmanager
     def mounted_image(self, image: oci.Image) -> Iterator[Path]:

@@ -1,0 +1,186 @@
+"""Bad input and interrupted builds lose nothing; the other outputs (local tree, iidfile, metadata) hold real content.
+
+Covered here: a hostile base-image layer, a corrupt blob in the store, SIGKILL in the middle of a RUN,
+Ctrl-C, `--output type=local`, `--iidfile`, `--metadata-file`, `--build-context NAME=docker-image://REF`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from e2e import PYBUILD, Pybuild, build_base, require_root
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Pybuild:
+    """A store of this module's own: these tests damage and kill things."""
+    require_root()
+    pybuild = Pybuild(tmp_path_factory.mktemp("robust-root"))
+    build_base(pybuild)
+    return pybuild
+
+
+def context(tmp_path: Path, dockerfile: str, **files: str) -> Path:
+    directory = tmp_path / "context"
+    directory.mkdir(parents=True)
+    (directory / "Dockerfile").write_text(dockerfile)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    return directory
+
+
+def oci_archive_with_layer(path: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    """An OCI archive holding one image, ``hostile:latest``, whose single layer has exactly ``members``."""
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    layer_bytes = layer.getvalue()
+    diff_id = "sha256:" + hashlib.sha256(layer_bytes).hexdigest()
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
+    blobs = {"config": config, "layer": layer_bytes}
+    digests = {key: "sha256:" + hashlib.sha256(value).hexdigest() for key, value in blobs.items()}
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": digests["config"],
+                   "size": len(config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digests["layer"],
+                    "size": len(layer_bytes)}]}).encode()
+    manifest_digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    index = json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
+        "size": len(manifest), "annotations": {"org.opencontainers.image.ref.name": "hostile:latest"}}]}).encode()
+    with tarfile.open(path, "w") as archive:
+        for name, data in [("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'), ("index.json", index),
+                           (f"blobs/sha256/{manifest_digest[7:]}", manifest),
+                           *[(f"blobs/sha256/{digests[key][7:]}", value) for key, value in blobs.items()]]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def member(name: str, data: bytes = b"", **fields) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data
+
+
+HOSTILE_LAYERS = [
+    ("dot-dot", [member("../../../../tmp/pybuild-escaped", b"x")], "escapes the root"),
+    ("symlink-then-write", [member("evil", type=tarfile.SYMTYPE, linkname="/tmp"),
+                            member("evil/pybuild-escaped", b"x")], None),
+    ("hardlink-out", [member("passwd", type=tarfile.LNKTYPE, linkname="../../../../etc/passwd")], "escapes"),
+]
+
+
+@pytest.mark.parametrize(("members", "message"), [case[1:] for case in HOSTILE_LAYERS],
+                         ids=[case[0] for case in HOSTILE_LAYERS])
+def test_hostile_base_layer_never_writes_outside(store: Pybuild, tmp_path: Path, members, message) -> None:
+    escaped = Path("/tmp/pybuild-escaped")
+    escaped.unlink(missing_ok=True)
+    archive = tmp_path / "hostile.tar"
+    oci_archive_with_layer(archive, members)
+    directory = context(tmp_path, f"FROM oci-archive:{archive}\nCOPY Dockerfile /copied\n")
+    done = store.build(directory, check=False)
+    assert not escaped.exists()
+    if message is None:  # confined: the write lands inside the image, under its own /tmp
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 1
+        assert message in done.stderr
+        assert f"{directory}/Dockerfile:1:1:" in done.stderr
+
+
+def test_corrupt_blob_in_the_store_is_reported(tmp_path: Path) -> None:
+    require_root()
+    pybuild = Pybuild(tmp_path / "root")
+    build_base(pybuild)
+    base_archive = pybuild.save("busybox-base", tmp_path / "base.tar")
+    fresh = Pybuild(tmp_path / "fresh")
+    fresh.run("load", "-i", base_archive)
+    blobs = sorted((fresh.root / "blobs" / "sha256").iterdir(), key=lambda path: path.stat().st_size)
+    largest = blobs[-1]  # the busybox layer
+    largest.write_bytes(largest.read_bytes()[:-100] + b"\0" * 100)
+    done = fresh.build(context(tmp_path, "FROM busybox-base\nRUN true\n"), check=False)
+    assert done.returncode == 1
+    assert largest.name in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_sigkill_mid_build_leaves_a_usable_store(store: Pybuild, tmp_path: Path) -> None:
+    directory = context(tmp_path, "FROM busybox-base\nRUN echo started; sleep 60\n")
+    environment = {**os.environ, "PYBUILD_ROOT": str(store.root)}
+    process = subprocess.Popen([*PYBUILD, "build", "--progress", "plain", "-t", "killed", directory],
+                               env=environment, stderr=subprocess.PIPE, text=True)
+    assert "started" in _read_until(process, "started")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    time.sleep(0.5)
+    assert "sleep 60" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    json.loads((store.root / "index.json").read_text())  # still whole
+    assert "killed" not in store.run("images").stdout
+    # The next build works and sweeps the killed build's step dirs.
+    rebuilt = store.build(context(tmp_path / "again", "FROM busybox-base\nRUN echo ok > /ok\n"), "-t", "after-kill")
+    assert rebuilt.returncode == 0
+    assert not [entry for entry in (store.root / "tmp").glob(f"step-{process.pid}-*")]
+
+
+def test_ctrl_c_stops_the_build_and_its_processes(store: Pybuild, tmp_path: Path) -> None:
+    directory = context(tmp_path, "FROM busybox-base\nRUN echo started; sleep 61\n")
+    environment = {**os.environ, "PYBUILD_ROOT": str(store.root)}
+    process = subprocess.Popen([*PYBUILD, "build", "--progress", "plain", directory], env=environment,
+                               stderr=subprocess.PIPE, text=True)
+    _read_until(process, "started")
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=10) == 130
+    assert time.monotonic() - started < 5
+    time.sleep(0.5)
+    assert "sleep 61" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def _read_until(process: subprocess.Popen, text: str) -> str:
+    seen = ""
+    deadline = time.monotonic() + 60
+    while text not in seen and time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        seen += line
+    return seen
+
+
+def test_outputs_local_iidfile_metadata_and_image_context(store: Pybuild, tmp_path: Path) -> None:
+    directory = context(tmp_path, "FROM base AS b\nRUN echo hi > /hi && rm /etc/group\nUSER www\n",
+                        extra="x")
+    out = tmp_path / "rootfs"
+    done = store.build(directory, "--build-context", "base=docker-image://busybox-base:latest",
+                       "-o", f"type=local,dest={out}", "--iidfile", tmp_path / "iid",
+                       "--metadata-file", tmp_path / "meta.json", "-t", "outputs:1")
+    assert (out / "hi").read_text() == "hi\n"
+    assert not (out / "etc" / "group").exists()  # the deletion is applied, not shipped as a whiteout file
+    assert not list(out.rglob(".wh.*"))
+    assert (out / "bin" / "busybox").stat().st_mode & 0o777 == 0o755
+    image_id = (tmp_path / "iid").read_text()
+    assert image_id.startswith("sha256:") and image_id in done.stderr
+    metadata = json.loads((tmp_path / "meta.json").read_text())
+    assert metadata["containerimage.config.digest"] == image_id
+    assert metadata["image.name"] == "outputs:1"
+    inspected = json.loads(store.run("inspect", "outputs:1").stdout)
+    assert inspected["config"]["User"] == "www"
+    assert store.run("build", "-q", directory, "--build-context",
+                     "base=docker-image://busybox-base:latest").stdout.strip() == image_id
