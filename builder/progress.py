@@ -173,7 +173,7 @@ class TerminalProgress(Progress):
         lines = [f"[+] Building {now - self.start:.1f}s"]
         for step in self.steps:
             seconds = (step.finished or now) - step.started
-            state = {"running": "", "done": " DONE", "cached": " CACHED", "error": " ERROR"}[step.state]
+            state = {"running": "", "done": "DONE", "cached": "CACHED", "error": "ERROR"}[step.state].rjust(7)
             head = f" => {step.name}"
             tail = f"{seconds:5.1f}s{state}"
             lines.append(head[: max(10, width - len(tail) - 2)].ljust(width - len(tail) - 1) + tail)

@@ -1,0 +1,63 @@
+"""Progress renderers: plain prefixed lines, JSON events, quiet, and the live terminal view."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+
+import pytest
+
+from builder.progress import JsonProgress, PlainProgress, QuietProgress, TerminalProgress
+
+
+def drive(progress) -> None:
+    first = progress.step_started("[stage-0 1/2] FROM base")
+    progress.step_finished(first)
+    second = progress.step_started("[stage-0 2/2] RUN make")
+    progress.output(second, b"compiling\nlinking")
+    progress.output(second, b" done\n")
+    progress.step_finished(second, "error")
+    progress.result("sha256:id", "sha256:manifest", ("app:1",))
+    progress.close()
+
+
+def test_plain_lines_are_prefixed_by_step() -> None:
+    stream = io.StringIO()
+    drive(PlainProgress(stream))
+    lines = [re.sub(r"\d+\.\d+", "T", line) for line in stream.getvalue().splitlines()]
+    assert lines == ["#1 [stage-0 1/2] FROM base", "#1 DONE Ts", "#2 [stage-0 2/2] RUN make", "#2 T compiling",
+                     "#2 T linking done", "#2 ERROR Ts", "naming to app:1", "image sha256:id manifest sha256:manifest"]
+
+
+def test_json_events() -> None:
+    stream = io.StringIO()
+    drive(JsonProgress(stream))
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(event["event"], event.get("status") or event.get("line") or event.get("image_id"))
+            for event in events] == [("step", "started"), ("step", "done"), ("step", "started"),
+                                     ("log", "compiling"), ("log", "linking done"), ("step", "error"),
+                                     ("result", "sha256:id")]
+
+
+def test_quiet_prints_only_the_image_id(capsys: pytest.CaptureFixture[str]) -> None:
+    stream = io.StringIO()
+    drive(QuietProgress(stream))
+    assert stream.getvalue() == ""
+    assert capsys.readouterr().out == "sha256:id\n"
+
+
+def test_terminal_view_shows_states_and_the_last_output_lines() -> None:
+    stream = io.StringIO()
+    progress = TerminalProgress(stream)
+    number = progress.step_started("[stage-0 1/1] RUN make")
+    progress.output(number, b"".join(b"line %d\n" % i for i in range(10)))
+    with progress.lock:
+        progress._draw()
+    running = stream.getvalue()
+    assert " => > line 9" in running and " => > line 4" in running and " => > line 3" not in running
+    progress.step_finished(number)
+    progress.result("sha256:id", "sha256:m", ())
+    progress.close()
+    assert "DONE" in stream.getvalue().splitlines()[-2]
+    assert stream.getvalue().splitlines()[-1] == " => image sha256:id manifest sha256:m"
