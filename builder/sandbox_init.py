@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import _signal  # the public ``signal`` module imports enum, a few ms on every RUN
 import _socket  # likewise ``socket``
+import errno
 import fcntl
 import marshal
 import os
@@ -137,9 +138,17 @@ def _build_root(plan: dict) -> None:
     if plan["network"] == "none":
         _loopback_up()
     os.chdir(rootfs)
-    # Pivoting onto the same directory stacks the old root above the new one; detaching it leaves only the image.
-    linux.pivot_root(".", ".")
-    linux.umount(".", linux.MNT_DETACH)
+    try:
+        # Pivoting onto the same directory stacks the old root above the new one; detaching it leaves only the image.
+        linux.pivot_root(".", ".")
+        linux.umount(".", linux.MNT_DETACH)
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+        # The builder itself runs chrooted (its root is no mount point), where pivot_root is refused. Moving the
+        # image's mount over / in this private namespace, then chrooting into it, leaves no path back out.
+        linux.mount(".", "/", None, linux.MS_MOVE)
+        os.chroot(".")
     os.chdir("/")
 
 
