@@ -21,10 +21,10 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from builder.layer import is_opaque_dir
 from builder.untar import OPAQUE_MARKER, OVERLAY_XATTR_PREFIXES, WHITEOUT_PREFIX, is_overlay_whiteout
 from parser.errors import PybuildError
 
-OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 _CHUNK = 1 << 20
 # _IOR('v', 1, long): the inode generation, which changes when an inode number is reused.
 _FS_IOC_GETVERSION = (2 << 30) | (struct.calcsize("l") << 16) | (ord("v") << 8) | 1
@@ -54,15 +54,7 @@ def _lstat(path: str) -> os.stat_result | None:
 
 
 def _is_opaque(path: str) -> bool:
-    if os.path.lexists(os.path.join(path, OPAQUE_MARKER)):
-        return True
-    for name in OPAQUE_XATTRS:
-        try:
-            if os.getxattr(path, name, follow_symlinks=False) == b"y":
-                return True
-        except OSError:
-            continue
-    return False
+    return os.path.lexists(os.path.join(path, OPAQUE_MARKER)) or is_opaque_dir(path)
 
 
 class LowerView:
