@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import shutil
@@ -46,11 +47,27 @@ def enter_build_namespace() -> BuildNamespace:
     try:
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     except OSError as error:
-        raise PybuildError(f"cannot make the build's mounts private: {error.strerror}") from None
+        if error.errno != errno.EINVAL:
+            raise PybuildError(f"cannot make the build's mounts private: {error.strerror}") from None
+        _make_visible_mounts_private()
     ids = read_id_map(Path("/proc/self/uid_map"))
     in_user_namespace = ids != INITIAL_MAP
     return BuildNamespace(rootless=in_user_namespace, id_ranges=sum(count for _, _, count in ids),
                           overlay_userxattr=in_user_namespace)
+
+
+def _make_visible_mounts_private() -> None:
+    """Under a chroot, / is no mount point: make each mount the process can see private instead.
+
+    The mount holding the chroot itself is out of reach; pybuild relies on whoever set up the chroot
+    (a container runtime, ``unshare --mount``) having made it private, as they do by default.
+    """
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mount_point = line.split()[4].replace("\\040", " ")
+        try:
+            linux.mount(None, mount_point, None, linux.MS_PRIVATE)
+        except OSError as error:
+            raise PybuildError(f"cannot make the mount {mount_point} private: {error.strerror}") from None
 
 
 def read_id_map(path: Path) -> list[tuple[int, int, int]]:
