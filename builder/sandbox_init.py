@@ -117,7 +117,12 @@ def _become_command(plan: dict, status_fd: int, alive_r: int) -> None:
 
 def _build_root(plan: dict) -> None:
     rootfs = plan["rootfs"]
-    linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    try:
+        linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
+    except OSError as error:
+        # Chrooted builder: / is no mount point, and the build namespace already made its mounts private.
+        if error.errno != errno.EINVAL:
+            raise
     linux.mount(rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)  # pivot_root needs a mount point
     _mount_proc(plan["proc"])
     _mount_dev(plan["dev"])
