@@ -414,8 +414,6 @@ class StepContext:
 
         kind = mount.type or "bind"
         if kind == "bind":
-            if not mount.readonly and mount.readonly is not None:
-                raise PybuildError("RUN --mount=type=bind,rw is not supported by pybuild yet", instruction.location)
             from builder.context import PathEscape, SourceTree, resolve_in_root
 
             source = stack.enter_context(self.source_root(mount.from_, instruction))
@@ -427,7 +425,18 @@ class StepContext:
                                    instruction.location) from None
             if not path.exists():
                 raise PybuildError(f"RUN --mount source {mount.source!r} does not exist", instruction.location)
-            return sandbox.BindMount(source=path, target=_absolute(mount.target), readonly=True)
+            writable = mount.readonly is False
+            if writable:
+                # `rw`: the step may write, but what it writes is thrown away with the step.
+                from builder.snapshot import mounted_root
+
+                scratch = self.solver.scratch_dir()
+                stack.callback(shutil.rmtree, scratch, True)
+                if path.is_dir():
+                    path = stack.enter_context(mounted_root([path], scratch)).merged
+                else:
+                    path = Path(shutil.copy2(path, scratch / "file"))
+            return sandbox.BindMount(source=path, target=_absolute(mount.target), readonly=not writable)
         if kind == "tmpfs":
             return sandbox.TmpfsMount(target=_absolute(mount.target), size=int(mount.size) if mount.size else None)
         if kind == "secret":

@@ -184,3 +184,39 @@ def test_outputs_local_iidfile_metadata_and_image_context(store: Pybuild, tmp_pa
     assert inspected["config"]["User"] == "www"
     assert store.run("build", "-q", directory, "--build-context",
                      "base=docker-image://busybox-base:latest").stdout.strip() == image_id
+
+
+def test_rw_bind_mount_writes_are_thrown_away(store: Pybuild, tmp_path: Path) -> None:
+    directory = context(tmp_path, "FROM busybox-base\n"
+                        "RUN --mount=type=bind,source=data,target=/data,rw echo changed >> /data/f && cat /data/f > /seen\n"
+                        "RUN --mount=type=bind,source=data,target=/data test ! -w /data/f || touch /data/f 2>/dev/null;"
+                        " cat /data/f > /again\n")
+    (directory / "data").mkdir()
+    (directory / "data" / "f").write_text("original\n")
+    store.build(directory, "-t", "rw-bind")
+    out = tmp_path / "rootfs"
+    store.build(directory, "-o", f"type=local,dest={out}")
+    assert (out / "seen").read_text() == "original\nchanged\n"
+    assert (out / "again").read_text() == "original\n"
+    assert (directory / "data" / "f").read_text() == "original\n"  # the context is untouched
+    assert not (out / "data").exists()
+
+
+def test_concurrent_builds_share_one_store(store: Pybuild, tmp_path: Path) -> None:
+    environment = {**os.environ, "PYBUILD_ROOT": str(store.root)}
+    processes = []
+    for number in range(3):
+        directory = context(tmp_path / str(number), f"FROM busybox-base\nRUN echo {number} > /n\nCOPY Dockerfile /\n")
+        processes.append(subprocess.Popen([*PYBUILD, "build", "-q", "-t", f"parallel:{number}", directory],
+                                          env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [process.communicate() + (process.returncode,) for process in processes]
+    assert [code for _, _, code in results] == [0, 0, 0], results
+    rows = [line.split() for line in store.run("images").stdout.splitlines()[1:]]
+    assert {row[1] for row in rows if row[0] == "parallel"} == {"0", "1", "2"}
+    image_ids = {stdout.strip() for stdout, _, _ in results}
+    assert len(image_ids) == 3  # three different images, each named by its own build
+    for number in range(3):
+        out = tmp_path / f"out{number}"
+        store.run("save", "-o", out.with_suffix(".tar"), f"parallel:{number}")
+        with tarfile.open(out.with_suffix(".tar")) as archive:
+            assert "manifest.json" in archive.getnames()
