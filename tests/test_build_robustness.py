@@ -188,7 +188,8 @@ def test_outputs_local_iidfile_metadata_and_image_context(store: Pybuild, tmp_pa
 
 def test_rw_bind_mount_writes_are_thrown_away(store: Pybuild, tmp_path: Path) -> None:
     directory = context(tmp_path, "FROM busybox-base\n"
-                        "RUN --mount=type=bind,source=data,target=/data,rw echo changed >> /data/f && cat /data/f > /seen\n"
+                        "RUN --mount=type=bind,source=data,target=/data,rw "
+                        "echo changed >> /data/f && cat /data/f > /seen\n"
                         "RUN --mount=type=bind,source=data,target=/data test ! -w /data/f || touch /data/f 2>/dev/null;"
                         " cat /data/f > /again\n")
     (directory / "data").mkdir()
