@@ -27,6 +27,8 @@ from parser.errors import PybuildError
 from parser.flags import Mount
 from parser.instructions import Add, Copy, Instruction, Run, parse
 
+IMAGE_CONTEXT_PREFIXES = ("docker-image://", "oci-layout:", "oci-archive:")
+
 
 @dataclass(frozen=True)
 class SecretSource:
@@ -198,9 +200,26 @@ class StepContext:
     def base_state(self, reference: str, before: int, where: Instruction | None = None) -> StageState:
         if reference == "scratch":
             return scratch_state(self.solver.created)
+        named = self.solver.options.named_contexts.get(reference)
+        if named is not None and not named.startswith(IMAGE_CONTEXT_PREFIXES):
+            return self._directory_state(reference, Path(named))
         stage = self.solver.graph.stage_by_reference(reference, before)
         image = self.solver.stage_result(stage.index).image if stage else self.image(reference, where)
         return StageState(image=replace(image, created=self.solver.created))
+
+    def _directory_state(self, name: str, directory: Path) -> StageState:
+        """FROM a named context that is a directory: its files are the image's root filesystem."""
+        from builder.context import BuildContext
+        from builder.copy import copy_into
+
+        if not directory.is_dir():
+            raise PybuildError(f"--build-context {name}={directory}: no such directory")
+
+        def action(layer_dir: Path) -> None:
+            copy_into(layer_dir, ["."], "/", source=BuildContext(directory))
+
+        return self.change(scratch_state(self.solver.created), f"FROM {name} (the directory {directory})", action,
+                           direct=True)
 
     def image(self, reference: str, where: Instruction | None = None) -> oci.Image:
         """An image by name from the local store, or from an OCI archive or layout on disk."""
@@ -255,7 +274,7 @@ class StepContext:
             yield self.solver.context
             return
         named = self.solver.options.named_contexts.get(reference)
-        if named is not None and not named.startswith(("docker-image://", "oci-layout:", "oci-archive:")):
+        if named is not None and not named.startswith(IMAGE_CONTEXT_PREFIXES):
             from builder.context import BuildContext
 
             yield BuildContext(Path(named))

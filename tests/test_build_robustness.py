@@ -221,3 +221,15 @@ def test_concurrent_builds_share_one_store(store: Pybuild, tmp_path: Path) -> No
         store.run("save", "-o", out.with_suffix(".tar"), f"parallel:{number}")
         with tarfile.open(out.with_suffix(".tar")) as archive:
             assert "manifest.json" in archive.getnames()
+
+
+def test_from_a_named_directory_context(store: Pybuild, tmp_path: Path) -> None:
+    rootfs = tmp_path / "tree"
+    (rootfs / "etc").mkdir(parents=True)
+    (rootfs / "etc" / "motd").write_text("from a directory\n")
+    directory = context(tmp_path, "FROM tree\nCOPY --from=tree /etc/motd /copied\n")
+    out = tmp_path / "out"
+    store.build(directory, "--build-context", f"tree={rootfs}", "-o", f"type=local,dest={out}")
+    assert (out / "etc" / "motd").read_text() == "from a directory\n"
+    assert (out / "copied").read_text() == "from a directory\n"
+    assert sorted(path.name for path in out.iterdir()) == ["copied", "etc"]
