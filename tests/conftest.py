@@ -56,3 +56,34 @@ def make_busybox_rootfs(root: Path) -> Path:
 @pytest.fixture
 def busybox_rootfs(tmp_path: Path) -> Path:
     return make_busybox_rootfs(tmp_path / "rootfs")
+
+
+def root_is_a_mount_point() -> bool:
+    """False when the tests run chrooted into a directory (as a fresh-machine check does)."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return True
+    return any(line.split()[4] == "/" for line in lines)
+
+
+CHROOTED = not root_is_a_mount_point()
+CHROOT_REASON = ("podman and buildah apply layers by remounting /, and the kernel refuses user namespaces, "
+                 "when / is not a mount point: these tests run chrooted here")
+
+
+def skip_if_chrooted(what: str) -> None:
+    if CHROOTED:
+        pytest.skip(f"{what}: {CHROOT_REASON}")
+
+
+def process_command_lines() -> list[str]:
+    """Every process's command line, from /proc (procps' ps may not be installed)."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+    return lines

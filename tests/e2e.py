@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
+from conftest import skip_if_chrooted
 
 from parser.nodes import parse_raw
 
@@ -232,6 +233,7 @@ class Podman:
 
 def podman(tmp_path_factory: pytest.TempPathFactory) -> Podman:
     require_tools("podman")
+    skip_if_chrooted("podman")
     return Podman(tmp_path_factory.mktemp("podman"))
 
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import process_command_lines
 from e2e import PYBUILD, Pybuild, build_base, require_root
 
 pytestmark = pytest.mark.slow
@@ -130,7 +131,7 @@ def test_sigkill_mid_build_leaves_a_usable_store(store: Pybuild, tmp_path: Path)
     process.send_signal(signal.SIGKILL)
     process.wait()
     time.sleep(0.5)
-    assert "sleep 60" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [line for line in process_command_lines() if "sleep 60" in line]
     json.loads((store.root / "index.json").read_text())  # still whole
     assert "killed" not in store.run("images").stdout
     # The next build works and sweeps the killed build's step dirs.
@@ -150,7 +151,7 @@ def test_ctrl_c_stops_the_build_and_its_processes(store: Pybuild, tmp_path: Path
     assert process.wait(timeout=10) == 130
     assert time.monotonic() - started < 5
     time.sleep(0.5)
-    assert "sleep 61" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert not [line for line in process_command_lines() if "sleep 61" in line]
 
 
 def _read_until(process: subprocess.Popen, text: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import skip_if_chrooted
 from e2e import EXAMPLES, Buildah, Entry, Pybuild, pybuild_image, read_oci_archive, require_tools, shared_store
 
 pytestmark = pytest.mark.slow
@@ -48,6 +49,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Pybuild:
 def buildah(tmp_path_factory: pytest.TempPathFactory) -> Buildah:
     """Buildah with its own store, holding busybox-base built by Buildah from the same examples/base."""
     require_tools("buildah", "skopeo", "umoci")
+    skip_if_chrooted("buildah")
     buildah = Buildah(tmp_path_factory.mktemp("buildah"))
     buildah.bud(EXAMPLES / "base", "localhost/busybox-base:latest", build_contexts={"busybox": "/bin"})
     return buildah

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from conftest import BUSYBOX
+from conftest import BUSYBOX, skip_if_chrooted
 from test_namespace import needs_root, user_with_subordinate_ids  # noqa: F401  (a fixture)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -70,6 +70,8 @@ def build_as(uid: int, gid: int, tree: Path, context: str = "context") -> subpro
     work = tree / f"work-{uid}"
     work.mkdir()
     os.chown(work, uid, gid)
+    if uid:
+        skip_if_chrooted("a rootless build")
     switch = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"] if uid else []
     # Tried from inside a user namespace, as the build runs: host permissions may differ there.
     probe = [*switch, "unshare", "--user", "--map-root-user"] if uid else []

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import skip_if_chrooted
 
 from builder import snapshot
 from builder.image import Layer
@@ -352,6 +353,7 @@ def test_rootless_in_a_user_namespace(kind: str, tmp_path: Path) -> None:
     unshare = shutil.which("unshare")
     if unshare is None:
         pytest.skip("unshare (util-linux) is not installed")
+    skip_if_chrooted("a user namespace")
     env = {**os.environ, snapshot.SNAPSHOTTER_ENV: kind}
     result = subprocess.run([unshare, "-Urm", sys.executable, "-c", ROOTLESS, str(tmp_path)], capture_output=True,
                             text=True, env=env, cwd=Path(__file__).resolve().parents[1])
