@@ -43,7 +43,7 @@ class BuildResult:
 
 
 def run_build(request: BuildRequest, state_root: Path | None = None) -> BuildResult:
-    from builder.exporter import write_oci_archive, write_rootfs
+    from builder.exporter import with_gzip_layers, write_oci_archive, write_rootfs
     from builder.namespace import enter_build_namespace
     from builder.store import default_root
 
@@ -75,8 +75,11 @@ def run_build(request: BuildRequest, state_root: Path | None = None) -> BuildRes
         image_id = stored.image_id
         for output in request.outputs:
             kind = output["type"]
-            if kind in ("oci", "docker"):
+            if kind == "oci":
                 write_oci_archive(solver.store, [(manifest, names)], Path(output["dest"]))
+            elif kind == "docker":
+                gzipped = solver.store.write_image(with_gzip_layers(solver.store, image), ())
+                write_oci_archive(solver.store, [(gzipped, names)], Path(output["dest"]))
             elif kind == "local":
                 write_rootfs(solver.store, image, Path(output["dest"]))
         if request.iidfile:

@@ -135,13 +135,13 @@ def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
               help="Network for RUN steps (default: the host's network).")
 @click.option("--build-context", "build_contexts", multiple=True, metavar="NAME=PATH|docker-image://REF",
               help="An extra named context for FROM, COPY --from and RUN --mount from=.")
-@click.option("--compression", type=click.Choice(["zstd", "gzip"]), default="zstd", show_default=True,
-              help="Layer compression; gzip for old clients.")
+@click.option("--compression", type=click.Choice(["zstd", "gzip"]), default=None,
+              help="Layer compression: zstd (default), or gzip for old clients (the default with type=docker).")
 @click.option("--platform", help="Target platform; only this machine's is supported so far.")
 def build(context: Path, file: str | None, tags: tuple[str, ...], build_args: tuple[str, ...], target: str | None,
           no_cache: bool, progress: str, quiet: bool, outputs: tuple[str, ...], iidfile: Path | None,
           metadata_file: Path | None, secrets: tuple[str, ...], network: str, build_contexts: tuple[str, ...],
-          compression: str, platform: str | None) -> None:
+          compression: str | None, platform: str | None) -> None:
     """Build an image from the Dockerfile in CONTEXT."""
     from builder.build import BuildRequest, run_build
     from parser import parse
@@ -152,6 +152,10 @@ def build(context: Path, file: str | None, tags: tuple[str, ...], build_args: tu
     source, name = _read_dockerfile(file, context)
     dockerfile = parse(source, name)
     _show_warnings(dockerfile.warnings, name)
+    parsed_outputs = _outputs(outputs)
+    if compression is None:
+        # docker load reads gzip layers, not zstd
+        compression = "gzip" if any(output["type"] == "docker" for output in parsed_outputs) else "zstd"
     request = BuildRequest(
         dockerfile=dockerfile,
         dockerfile_path=None if file == "-" else Path(name).resolve(),
@@ -159,7 +163,7 @@ def build(context: Path, file: str | None, tags: tuple[str, ...], build_args: tu
         tags=tags,
         build_args=_key_values(build_args, "--build-arg"),
         target=target,
-        outputs=_outputs(outputs),
+        outputs=parsed_outputs,
         iidfile=iidfile,
         metadata_file=metadata_file,
         secrets=_secrets(secrets),

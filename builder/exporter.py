@@ -8,17 +8,28 @@ docker's ``manifest.json``. Every member has mtime 0, owner 0:0, no user names a
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
-from builder.image import REF_NAME_ANNOTATION, Descriptor, Image, canonical_json, index_json
+from builder.image import (
+    MEDIA_LAYER,
+    MEDIA_LAYER_GZIP,
+    REF_NAME_ANNOTATION,
+    Descriptor,
+    Image,
+    canonical_json,
+    index_json,
+)
 from builder.store import CONTAINERD_NAME_ANNOTATION, OCI_LAYOUT, ImageStore, full_name, normalize_name
 from builder.untar import extract_tar, open_layer
 from parser.errors import PybuildError
@@ -125,3 +136,20 @@ def write_rootfs(store: ImageStore, image: Image, dest: Path) -> None:
     for layer in image.layers:
         with store.blobs.open(layer.digest) as file:
             extract_tar(open_layer(file), dest, whiteouts="apply", label=f"layer {layer.digest}")
+
+
+def with_gzip_layers(store: ImageStore, image: Image) -> Image:
+    """The same image with every layer stored gzip-compressed, for clients that read no zstd (docker load).
+
+    The diff IDs, and so the config and the image ID, stay the same; only the manifest changes.
+    """
+    layers = []
+    for layer in image.layers:
+        if layer.media_type in (MEDIA_LAYER_GZIP, MEDIA_LAYER):
+            layers.append(layer)
+            continue
+        with store.blobs.open(layer.digest) as source, store.blobs.writer() as out, \
+                gzip.GzipFile(fileobj=out.file, mode="wb", compresslevel=6, mtime=0, filename="") as compressed:
+            shutil.copyfileobj(open_layer(source), compressed, 1 << 20)
+        layers.append(replace(layer, digest=out.digest, size=out.size, media_type=MEDIA_LAYER_GZIP))
+    return replace(image, layers=tuple(layers))

@@ -234,3 +234,20 @@ def test_from_a_named_directory_context(store: Pybuild, tmp_path: Path) -> None:
     assert (out / "etc" / "motd").read_text() == "from a directory\n"
     assert (out / "copied").read_text() == "from a directory\n"
     assert sorted(path.name for path in out.iterdir()) == ["copied", "etc"]
+
+
+def test_docker_output_has_gzip_layers_and_the_same_image_id(store: Pybuild, tmp_path: Path) -> None:
+    directory = context(tmp_path, "FROM busybox-base\nRUN echo docker > /d\n")
+    archive = tmp_path / "docker.tar"
+    done = store.build(directory, "-o", f"type=docker,dest={archive}", "-t", "for-docker:1")
+    zstd_build = store.run("build", "-q", directory).stdout.strip()
+    inspected = json.loads(subprocess.run(["skopeo", "inspect", "--raw", f"docker-archive:{archive}"],
+                                          capture_output=True, text=True, check=True).stdout)
+    assert {layer["mediaType"] for layer in inspected["layers"]} == {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"}
+    with tarfile.open(archive) as outer:
+        manifest = json.load(outer.extractfile("manifest.json"))
+        assert manifest[0]["RepoTags"] == ["for-docker:1"]
+        for layer in manifest[0]["Layers"]:
+            assert outer.extractfile(layer).read(2) == b"\x1f\x8b"  # gzip magic: what docker load reads
+    assert zstd_build in done.stderr  # the image ID does not depend on the layers' compression
