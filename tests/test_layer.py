@@ -229,3 +229,42 @@ def test_memory_stays_flat_for_a_large_file(tmp_path: Path) -> None:
     grown_kib, size = map(int, result.stdout.split())
     assert grown_kib < 50 * 1024
     assert size < 1 << 20  # zeros compress: the data really went through zstd
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, **fields) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.uname = info.gname = ""
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info
+
+
+# Members the fast header path must write exactly as tarfile does, or leave to tarfile (None).
+HEADER_CASES = [
+    ("file", _member("usr/bin/tool", mode=0o4755, uid=1000, gid=50, size=12345, mtime=1_700_000_000), True),
+    ("directory gets its slash", _member("etc", tarfile.DIRTYPE, mode=0o755), True),
+    ("whiteout", _member("etc/.wh.group", mode=0), True),
+    ("symlink", _member("bin/sh", tarfile.SYMTYPE, linkname="busybox", mode=0o777), True),
+    ("hardlink", _member("bin/ls", tarfile.LNKTYPE, linkname="bin/busybox"), True),
+    ("device", _member("dev/null", tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666), True),
+    ("fifo", _member("run/pipe", tarfile.FIFOTYPE, mode=0o600), True),
+    ("100-character name", _member("n" * 100), True),
+    ("long name needs PAX", _member("n" * 101), False),
+    ("non-ASCII name needs PAX", _member("caf\u00e9"), False),
+    ("long link target needs PAX", _member("l", tarfile.SYMTYPE, linkname="t" * 101), False),
+    ("xattr needs PAX", _member("cap", pax_headers={"SCHILY.xattr.security.capability": "x"}), False),
+    ("big uid needs PAX", _member("u", uid=8**7), False),
+    ("big file needs PAX", _member("big", size=8**11), False),
+]
+
+
+@pytest.mark.parametrize(("info", "fast"), [case[1:] for case in HEADER_CASES], ids=[case[0] for case in HEADER_CASES])
+def test_fast_headers_equal_tarfiles(info: tarfile.TarInfo, fast: bool) -> None:
+    from builder.layer import _ustar_header
+
+    header = _ustar_header(info)
+    if fast:
+        assert header == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    else:
+        assert header is None
