@@ -246,12 +246,22 @@ def save(names: tuple[str, ...], output: Path) -> None:
 @click.option("-i", "--input", "archive", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The OCI or docker archive to load.")
 def load(archive: Path) -> None:
-    """Load images from an OCI archive or a docker save archive into the local store."""
+    """Load images from an OCI archive or a docker save archive into the local store.
+
+    Their layers are unpacked now, as docker load and podman load do, so the first build on them starts at once.
+    """
+    from builder.namespace import enter_build_namespace
+    from builder.snapshot import Snapshots
+    from builder.solver import unpack_layers
     from builder.store import ImageStore, default_root
 
     if not archive.is_file():
         raise PybuildError(f"{archive}: no such file")
-    for name in ImageStore(default_root()).load_archive(archive):
+    enter_build_namespace()  # unpacking makes overlay whiteouts, which a rootless user may only make in it
+    root = default_root()
+    store = ImageStore(root)
+    for name in store.load_archive(archive):
+        unpack_layers(Snapshots(root / "snapshots"), store.blobs, store.resolve(name).image)
         click.echo(f"Loaded image: {name}")
 
 

@@ -244,15 +244,7 @@ class StepContext:
         return image
 
     def _ensure_snapshots(self, image: oci.Image) -> None:
-        for layer in image.layers:
-            if not self.solver.snapshots.has(layer.diff_id):
-                blob = self.solver.blobs.path(layer.digest)
-                try:
-                    self.solver.snapshots.unpack(layer.diff_id, blob)
-                except PybuildError as exc:
-                    raise PybuildError(f"cannot unpack layer blob {layer.digest}: {exc.message}",
-                                       hint=f"if the blob is damaged, remove {blob} and load or build the image "
-                                            "again") from None
+        unpack_layers(self.solver.snapshots, self.solver.blobs, image)
 
     @contextlib.contextmanager
     def mounted_image(self, image: oci.Image) -> Iterator[Path]:
@@ -476,6 +468,19 @@ class StepContext:
                                        mode=int(mount.mode, 8) if mount.mode else 0o400,
                                        uid=int(mount.uid or 0), gid=int(mount.gid or 0))
         raise PybuildError(f"RUN --mount=type={kind} is not supported by pybuild yet", instruction.location)
+
+
+def unpack_layers(snapshots, blobs, image: oci.Image) -> None:
+    """Unpack the image's layers that have no snapshot yet, so steps can stack them as overlay lowers."""
+    for layer in image.layers:
+        if not snapshots.has(layer.diff_id):
+            blob = blobs.path(layer.digest)
+            try:
+                snapshots.unpack(layer.diff_id, blob)
+            except PybuildError as exc:
+                raise PybuildError(f"cannot unpack layer blob {layer.digest}: {exc.message}",
+                                   hint=f"if the blob is damaged, remove {blob} and load or build the image "
+                                        "again") from None
 
 
 def _replicate_directories(view: Path, layer_dir: Path, path: Path) -> None:

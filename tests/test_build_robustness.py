@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -106,19 +107,36 @@ def test_hostile_base_layer_never_writes_outside(store: Pybuild, tmp_path: Path,
         assert f"{directory}/Dockerfile:1:1:" in done.stderr
 
 
-def test_corrupt_blob_in_the_store_is_reported(tmp_path: Path) -> None:
+def test_corrupt_blobs_are_reported(tmp_path: Path) -> None:
     require_root()
     pybuild = Pybuild(tmp_path / "root")
     build_base(pybuild)
     base_archive = pybuild.save("busybox-base", tmp_path / "base.tar")
+    layer_blob = max((pybuild.root / "blobs" / "sha256").iterdir(), key=lambda path: path.stat().st_size)
+
+    # A damaged archive: load refuses it and the store shows nothing of it.
+    damaged = tmp_path / "damaged.tar"
+    with tarfile.open(base_archive) as source, tarfile.open(damaged, "w") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read() if member.isfile() else None
+            if member.name.endswith(layer_blob.name):
+                data = data[:-100] + b"\0" * 100
+            target.addfile(member, io.BytesIO(data) if data is not None else None)
     fresh = Pybuild(tmp_path / "fresh")
+    refused = fresh.run("load", "-i", damaged, check=False)
+    assert refused.returncode == 1
+    assert layer_blob.name in refused.stderr
+    assert "busybox-base" not in fresh.run("images").stdout
+
+    # A blob damaged in the store after loading, before its layer was unpacked again: the build names it.
     fresh.run("load", "-i", base_archive)
-    blobs = sorted((fresh.root / "blobs" / "sha256").iterdir(), key=lambda path: path.stat().st_size)
-    largest = blobs[-1]  # the busybox layer
-    largest.write_bytes(largest.read_bytes()[:-100] + b"\0" * 100)
+    assert list((fresh.root / "snapshots").glob("*/*/bin/busybox"))  # load unpacked the layer, as docker load does
+    stored = fresh.root / "blobs" / "sha256" / layer_blob.name
+    stored.write_bytes(stored.read_bytes()[:-100] + b"\0" * 100)
+    shutil.rmtree(fresh.root / "snapshots")
     done = fresh.build(context(tmp_path, "FROM busybox-base\nRUN true\n"), check=False)
     assert done.returncode == 1
-    assert largest.name in done.stderr
+    assert layer_blob.name in done.stderr
     assert "Traceback" not in done.stderr
 
 
