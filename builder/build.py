@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from builder.graph import build_graph, host_platform
 from builder.progress import make_progress
 from builder.solver import BuildOptions, SecretSource, Solver
+from builder.store import atomic_file
 from parser.errors import PybuildError
 from parser.instructions import Dockerfile
 
@@ -97,6 +97,5 @@ def run_build(request: BuildRequest, state_root: Path | None = None) -> BuildRes
 
 
 def _write_text(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    with atomic_file(path) as file:
+        file.write(text.encode())

@@ -7,7 +7,6 @@ docker's ``manifest.json``. Every member has mtime 0, owner 0:0, no user names a
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
 import io
@@ -15,7 +14,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -30,9 +28,8 @@ from builder.image import (
     canonical_json,
     index_json,
 )
-from builder.store import CONTAINERD_NAME_ANNOTATION, OCI_LAYOUT, ImageStore, full_name, normalize_name
+from builder.store import CONTAINERD_NAME_ANNOTATION, OCI_LAYOUT, ImageStore, atomic_file, full_name, normalize_name
 from builder.untar import extract_tar, open_layer
-from parser.errors import PybuildError
 
 
 class _HashingReader:
@@ -94,29 +91,15 @@ def write_oci_archive(store: ImageStore, images: Sequence[tuple[Descriptor, Sequ
     small_files = {"oci-layout": OCI_LAYOUT, "index.json": index_json(entries),
                    "manifest.json": canonical_json(docker_manifest)}
     members = sorted(["blobs", "blobs/sha256", *map(_blob_member, blobs), *small_files])
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=f".{dest.name}-", suffix=".tmp", dir=dest.parent)
-    except OSError as exc:
-        raise PybuildError(f"cannot write {dest}: {exc.strerror}") from None
-    try:
-        with os.fdopen(handle, "wb") as file:
-            with tarfile.open(fileobj=file, mode="w|", format=tarfile.PAX_FORMAT) as archive:
-                for name in members:
-                    if name in ("blobs", "blobs/sha256"):
-                        archive.addfile(_member(name, directory=True))
-                    elif name in small_files:
-                        data = small_files[name]
-                        archive.addfile(_member(name, len(data)), io.BytesIO(data))
-                    else:
-                        _add_blob(store, archive, "sha256:" + name.rsplit("/", 1)[1], blobs)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    with atomic_file(dest) as file, tarfile.open(fileobj=file, mode="w|", format=tarfile.PAX_FORMAT) as archive:
+        for name in members:
+            if name in ("blobs", "blobs/sha256"):
+                archive.addfile(_member(name, directory=True))
+            elif name in small_files:
+                data = small_files[name]
+                archive.addfile(_member(name, len(data)), io.BytesIO(data))
+            else:
+                _add_blob(store, archive, "sha256:" + name.rsplit("/", 1)[1], blobs)
 
 
 def _add_blob(store: ImageStore, archive: tarfile.TarFile, digest: str, sizes: dict[str, int]) -> None:

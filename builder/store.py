@@ -33,7 +33,7 @@ import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from builder.graph import host_platform
 from builder.image import (
@@ -199,6 +199,26 @@ BlobFetcher = Callable[[Descriptor], None]
 EntryNames = Callable[[Descriptor], tuple[str, ...]]
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A file that appears at ``path`` whole or not at all: written beside it, synced, then renamed over it."""
+    try:
+        handle, name = tempfile.mkstemp(prefix=f".{path.name}-", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise PybuildError(f"cannot write {path}: {exc.strerror}") from None
+    try:
+        with os.fdopen(handle, "wb") as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(name, 0o644)
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
+
+
 class ImageStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
@@ -225,18 +245,8 @@ class ImageStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _replace_file(self, path: Path, data: bytes) -> None:
-        handle, name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            os.chmod(name, 0o644)
-            os.replace(name, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
-            raise
+        with atomic_file(path) as file:
+            file.write(data)
 
     def entries(self) -> list[Descriptor]:
         try:
