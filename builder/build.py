@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from builder.graph import build_graph, host_platform
+from builder.image import config_json, sha256_digest
 from builder.progress import make_progress
 from builder.solver import BuildOptions, SecretSource, Solver
 from builder.store import atomic_file
@@ -71,8 +72,7 @@ def run_build(request: BuildRequest, state_root: Path | None = None) -> BuildRes
             if output.get("type") == "image" and output.get("name"):
                 names += tuple(output["name"].split(","))
         manifest = solver.store.write_image(image, names)
-        stored = solver.store.resolve(manifest.digest)
-        image_id = stored.image_id
+        image_id = sha256_digest(config_json(image))  # docker's image ID: the config blob write_image stored
         for output in request.outputs:
             kind = output["type"]
             if kind == "oci":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
 import shutil
 import stat
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 from builder import image as oci
 from builder.graph import PREDEFINED_ARGS, BuildGraph, Stage, host_platform, platform_args
 from builder.progress import Progress
-from builder.steps import STEPS, StageState, describe, scratch_state
+from builder.steps import STEPS, StageState, describe, heredoc_body, scratch_state
 from parser.errors import PybuildError
 from parser.flags import Mount
 from parser.instructions import Add, Copy, Instruction, Run, parse
@@ -63,11 +64,6 @@ class BuildOptions:
     dockerfile_path: Path | None = None
 
 
-@dataclass(frozen=True)
-class StageResult:
-    image: oci.Image
-
-
 def epoch_timestamp(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
@@ -96,7 +92,7 @@ class Solver:
         sweep_stale_scratch(self.tmp_root)
         self.context = BuildContext(options.context, dockerfile_path=options.dockerfile_path)
         self.created = epoch_timestamp(options.source_date_epoch)
-        self.futures: dict[int, Future[StageResult]] = {}
+        self.futures: dict[int, Future[oci.Image]] = {}
         self.failed = threading.Event()
 
     def scratch_dir(self) -> Path:
@@ -109,7 +105,7 @@ class Solver:
         try:
             for index in self.graph.needed:
                 self.futures[index] = pool.submit(self._build_stage_guarded, self.graph.stages[index])
-            image = self.futures[self.graph.target].result().image
+            image = self.futures[self.graph.target].result()
         except BaseException:
             # Do not wait for other stages' running steps: the CLI exits, and their sandboxes die with it.
             self.failed.set()
@@ -118,20 +114,20 @@ class Solver:
         pool.shutdown(wait=True)
         return image
 
-    def stage_result(self, index: int) -> StageResult:
+    def stage_image(self, index: int) -> oci.Image:
         future = self.futures.get(index)
         if future is None:
             raise PybuildError(f"stage {self.graph.stages[index].label} is needed but was not scheduled")
         return future.result()
 
-    def _build_stage_guarded(self, stage: Stage) -> StageResult:
+    def _build_stage_guarded(self, stage: Stage) -> oci.Image:
         try:
             return self._build_stage(stage)
         except BaseException:
             self.failed.set()
             raise
 
-    def _build_stage(self, stage: Stage) -> StageResult:
+    def _build_stage(self, stage: Stage) -> oci.Image:
         ctx = StepContext(self, stage)
         total = len(stage.instructions) + 1
         number = self.progress.step_started(f"[{stage.label} 1/{total}] FROM {stage.base}")
@@ -154,7 +150,7 @@ class Solver:
             if self.failed.is_set():
                 raise PybuildError(f"stage {stage.label} stopped because another stage failed")
             state = ctx.step(state, instruction, f"[{stage.label} {position}/{total}] {describe(instruction)}")
-        return StageResult(state.image)
+        return state.image
 
 
 @dataclass
@@ -204,7 +200,7 @@ class StepContext:
         if named is not None and not named.startswith(IMAGE_CONTEXT_PREFIXES):
             return self._directory_state(reference, Path(named))
         stage = self.solver.graph.stage_by_reference(reference, before)
-        image = self.solver.stage_result(stage.index).image if stage else self.image(reference, where)
+        image = self.solver.stage_image(stage.index) if stage else self.image(reference, where)
         return StageState(image=replace(image, created=self.solver.created))
 
     def _directory_state(self, name: str, directory: Path) -> StageState:
@@ -234,7 +230,7 @@ class StepContext:
                 image = store.read_image_from_layout(reference.removeprefix("oci-layout:"))
             else:
                 image = store.resolve(reference).image
-            self._ensure_snapshots(image)
+            unpack_layers(self.solver.snapshots, self.solver.blobs, image)
         except PybuildError as exc:
             raise PybuildError(exc.message, where.location if where else None, hint=exc.hint) from None
         os_name, arch, _ = host_platform()
@@ -242,9 +238,6 @@ class StepContext:
             raise PybuildError(f"image {reference} is for {image.os}/{image.architecture}; this machine runs "
                                f"{os_name}/{arch}", where.location if where else None)
         return image
-
-    def _ensure_snapshots(self, image: oci.Image) -> None:
-        unpack_layers(self.solver.snapshots, self.solver.blobs, image)
 
     @contextlib.contextmanager
     def mounted_image(self, image: oci.Image) -> Iterator[Path]:
@@ -273,7 +266,7 @@ class StepContext:
             return
         stage = self.solver.graph.stage_by_reference(reference, self.stage.index)
         if stage is not None:
-            image = self.solver.stage_result(stage.index).image
+            image = self.solver.stage_image(stage.index)
         elif reference.isdigit():
             raise PybuildError(f"--from={reference}: there is no stage {reference} before this one", where.location)
         else:
@@ -366,10 +359,8 @@ class StepContext:
             def action(layer_dir: Path) -> None:
                 _replicate_directories(view, layer_dir, real)
                 for heredoc in expanded.source_contents:
-                    body = heredoc.content
-                    if heredoc.chomp:
-                        body = "".join(line.lstrip("\t") for line in body.splitlines(keepends=True))
-                    write_inline(layer_dir, heredoc.name, body.encode(), dest, chown=chown, chmod=expanded.chmod)
+                    write_inline(layer_dir, heredoc.name, heredoc_body(heredoc).encode(), dest, chown=chown,
+                                 chmod=expanded.chmod)
                 if expanded.sources:
                     copy_into(layer_dir, expanded.sources, dest, source=source, chown=chown,
                               chmod=expanded.chmod, parents=getattr(expanded, "parents", False),
@@ -451,7 +442,7 @@ class StepContext:
         if kind == "tmpfs":
             return sandbox.TmpfsMount(target=_absolute(mount.target), size=int(mount.size) if mount.size else None)
         if kind == "secret":
-            secret_id = mount.id or posixpath_basename(mount.target or "")
+            secret_id = mount.id or posixpath.basename((mount.target or "").rstrip("/"))
             source_spec = self.solver.options.secrets.get(secret_id)
             if source_spec is None:
                 if mount.required:
@@ -511,9 +502,6 @@ def sweep_stale_scratch(tmp_root: Path) -> None:
         if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(entry, ignore_errors=True)
 
-
-def posixpath_basename(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _absolute(target: str | None) -> str:

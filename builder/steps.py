@@ -11,7 +11,6 @@ import re
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from builder import image as oci
@@ -87,7 +86,7 @@ def _expanded(state: StageState, instruction: Instruction, escape: str) -> Instr
     return expand(instruction, state.expansion_env(), escape).instruction
 
 
-def _text(instruction: Instruction) -> str:
+def describe(instruction: Instruction) -> str:
     """The instruction as the history shows it: its keyword and its arguments, flags and all."""
     return " ".join(instruction.original.split()) if "\n" not in instruction.original else instruction.original
 
@@ -217,7 +216,8 @@ def do_workdir(ctx: StepContext, state: StageState, instruction: Workdir) -> Sta
     return ctx.make_workdir(state, path)
 
 
-def _heredoc_body(heredoc: Heredoc) -> str:
+def heredoc_body(heredoc: Heredoc) -> str:
+    """A heredoc's body, with ``<<-``'s leading tabs stripped."""
     if not heredoc.chomp:
         return heredoc.content
     return "".join(line.lstrip("\t") for line in heredoc.content.splitlines(keepends=True))
@@ -249,7 +249,7 @@ def _heredoc_argv(state: StageState, command: Command, heredocs: tuple[Heredoc, 
     if command.exec_form:
         raise PybuildError("RUN in exec form cannot take a heredoc", instruction.location)
     line = command.args[0] if command.args else ""
-    bodies = [_heredoc_body(heredoc) for heredoc in heredocs]
+    bodies = [heredoc_body(heredoc) for heredoc in heredocs]
     if len(heredocs) == 1 and re.fullmatch(r"\s*<<-?\s*['\"]?" + re.escape(heredocs[0].name) + r"['\"]?\s*", line):
         if bodies[0].startswith("#!"):
             interpreter = shlex.split(bodies[0].splitlines()[0][2:])
@@ -298,17 +298,8 @@ STEPS: dict[type, Step] = {
     Add: do_copy,
 }
 
-FILESYSTEM_STEPS = (Run, Copy, Add, Workdir)
-
-
 def scratch_state(created: str) -> StageState:
     """FROM scratch: no layers, and the PATH every docker build gives an image that sets none."""
     config = oci.ImageConfig(env=(("PATH", DEFAULT_PATH),))
     return StageState(image=oci.Image(config=config, created=created))
 
-
-def describe(instruction: Instruction) -> str:
-    return _text(instruction)
-
-
-__all__ = ["FILESYSTEM_STEPS", "STEPS", "StageState", "Path", "describe", "scratch_state"]
