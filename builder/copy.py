@@ -17,10 +17,8 @@ Docker's rules, as BuildKit applies them:
 
 from __future__ import annotations
 
-import email.utils
 import errno
 import hashlib
-import http.client
 import lzma
 import os
 import posixpath
@@ -28,9 +26,7 @@ import re
 import stat
 import tarfile
 import tempfile
-import urllib.error
 import urllib.parse
-import urllib.request
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -317,6 +313,12 @@ def _sha256(checksum: str) -> str:
 
 def _download(url: str, directory: Path) -> tuple[Path, str]:
     """Stream ``url`` into a file in ``directory`` (mode 0600, mtime from Last-Modified); returns it and its digest."""
+    # Only ADD of a URL needs HTTP: importing it up front (TLS, email parsing) costs every build ~10 ms.
+    import email.utils
+    import http.client
+    import urllib.error
+    import urllib.request
+
     path = directory / "download"
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers={"User-Agent": "pybuild"})

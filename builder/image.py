@@ -38,12 +38,19 @@ def canonical_json(value: Any) -> bytes:
 
 @dataclass(frozen=True)
 class Layer:
-    """One filesystem layer: ``diff_id`` hashes the uncompressed tar, ``digest`` the blob as stored."""
+    """One filesystem layer: ``diff_id`` hashes the uncompressed tar, ``digest`` the blob as stored.
+
+    While a build runs, a layer's blob may not be written yet: its digest is then empty and its size 0.
+    """
 
     diff_id: str
     digest: str
     size: int
     media_type: str = MEDIA_LAYER_ZSTD
+
+    @property
+    def pending(self) -> bool:
+        return not self.digest
 
 
 @dataclass(frozen=True)

@@ -145,13 +145,16 @@ class _HashingWriter:
 
 
 class _TarStream:
-    """Tar bytes -> sha256 (diff_id) -> compressor, through one reusable buffer."""
+    """Tar bytes -> sha256 (diff_id) -> compressor, through one reusable buffer; ``out`` None: only hashed."""
 
-    def __init__(self, out: BinaryIO, compression: Literal["zstd", "gzip"]) -> None:
-        self.blob = _HashingWriter(out)
+    def __init__(self, out: BinaryIO | None, compression: Literal["zstd", "gzip"]) -> None:
+        self.blob = _HashingWriter(out) if out is not None else None
         self.sha256 = hashlib.sha256()
-        self.compressor: zstandard.ZstdCompressionWriter | gzip.GzipFile
-        if compression == "zstd":
+        self.compressor: zstandard.ZstdCompressionWriter | gzip.GzipFile | None
+        if self.blob is None:
+            self.compressor = None
+            self.media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
+        elif compression == "zstd":
             compressor = zstandard.ZstdCompressor(compression_params=zstd_parameters(threads=-1))
             self.compressor = compressor.stream_writer(self.blob, closefd=False)
             self.media_type = MEDIA_LAYER_ZSTD
@@ -169,7 +172,8 @@ class _TarStream:
         if self.used:
             chunk = self.view[: self.used]
             self.sha256.update(chunk)
-            self.compressor.write(chunk)
+            if self.compressor is not None:
+                self.compressor.write(chunk)
             self.used = 0
 
     def write(self, data: bytes) -> None:
@@ -177,7 +181,8 @@ class _TarStream:
             self.flush()
         if len(data) >= _BUFFER:
             self.sha256.update(data)
-            self.compressor.write(data)
+            if self.compressor is not None:
+                self.compressor.write(data)
             return
         self.view[self.used: self.used + len(data)] = data
         self.used += len(data)
@@ -203,10 +208,13 @@ class _TarStream:
     def finish(self) -> Layer:
         self.write(bytes(2 * _BLOCK))
         self.flush()
+        diff_id = "sha256:" + self.sha256.hexdigest()
+        if self.compressor is None or self.blob is None:
+            return Layer(diff_id=diff_id, digest="", size=0, media_type=self.media_type)
         self.compressor.close()
         self.blob.flush()
-        return Layer(diff_id="sha256:" + self.sha256.hexdigest(), digest="sha256:" + self.blob.sha256.hexdigest(),
-                     size=self.blob.size, media_type=self.media_type)
+        return Layer(diff_id=diff_id, digest="sha256:" + self.blob.sha256.hexdigest(), size=self.blob.size,
+                     media_type=self.media_type)
 
 
 def _xattr_headers(path: str) -> dict[str, str]:
@@ -280,14 +288,17 @@ def _ustar_header(info: tarfile.TarInfo) -> bytes | None:
     return header[:148] + b"%06o\0" % sum(header) + header[155:]
 
 
-def write_layer(upper: Path, out: BinaryIO, *, compression: Literal["zstd", "gzip"], source_date_epoch: int,
-                lower_stat: LowerStat | None = None) -> Layer | None:
+def write_layer(upper: Path, out: BinaryIO | None, *, compression: Literal["zstd", "gzip"],
+                source_date_epoch: int, lower_stat: LowerStat | None = None) -> Layer | None:
     """Write the changes in ``upper`` as a layer blob to ``out``; None (and nothing written) when there are none.
 
     Members are sorted by path components, with an opaque dir's ``.wh..wh..opq`` right after the dir;
     mtimes are clamped to ``source_date_epoch``; owners are numeric only; overlayfs xattrs are dropped.
     ``lower_stat(path)`` looks a root-relative path up in the layers below, so directories that are
     only copied up, with nothing changed in or below them, are left out.
+
+    With ``out`` None the tar is only hashed: the layer's diff_id, with an empty digest and size 0 (a
+    pending layer), at a fraction of the cost; writing its blob later gives the same diff_id.
     """
     entries, _ = _Collector(lower_stat).children(os.fspath(upper), "")
     if not entries:

@@ -1,4 +1,4 @@
-"""Thin ctypes wrappers for the Linux calls Python 3.11 lacks: unshare, mount, umount2, pivot_root, prctl.
+"""Thin wrappers for the Linux calls Python 3.11 lacks: unshare, mount, umount2, pivot_root, prctl, inode flags.
 
 Only the mechanism lives here; what to mount and where is decided by the sandbox and snapshot modules.
 """
@@ -6,7 +6,10 @@ Only the mechanism lives here; what to mount and where is decided by the sandbox
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import os
+import struct
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -31,6 +34,10 @@ MS_RELATIME = 0x200000
 MS_STRICTATIME = 0x1000000
 
 MNT_DETACH = 0x2
+
+FS_IOC_GETFLAGS = 0x80086601
+FS_IOC_SETFLAGS = 0x40086602
+FS_TOPDIR_FL = 0x00020000
 
 PR_SET_PDEATHSIG = 1
 PR_CAPBSET_DROP = 24
@@ -90,3 +97,25 @@ def set_parent_death_signal(signal: int) -> None:
 def drop_bounding_capability(capability: int) -> None:
     """Remove ``capability`` from what any program this process later runs can hold, root or not."""
     _check(_libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0), "prctl(PR_CAPBSET_DROP)")
+
+
+def mark_top_directory(path: str | os.PathLike[str]) -> bool:
+    """Flag a directory whose subdirectories are unrelated trees (``chattr +T``); False where unsupported.
+
+    ext4 then spreads those subdirectories over its block groups instead of packing them beside their
+    parent. Without a journal ext4 skips recently deleted inodes when allocating, one by one, so a new
+    tree created where a large one was just deleted costs about a millisecond per file; spread, it
+    lands among free inodes.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        (flags,) = struct.unpack("i", fcntl.ioctl(fd, FS_IOC_GETFLAGS, b"\0" * 4))
+        if not flags & FS_TOPDIR_FL:
+            fcntl.ioctl(fd, FS_IOC_SETFLAGS, struct.pack("i", flags | FS_TOPDIR_FL))
+        return True
+    except OSError as exc:
+        if exc.errno in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.EACCES):
+            return False  # not ext4-like, or not ours to change: only a placement hint is lost
+        raise
+    finally:
+        os.close(fd)

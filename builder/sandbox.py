@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,25 +76,128 @@ class SandboxError(PybuildError):
     """The command could not be started (setup failed); its own failures are exit codes instead."""
 
 
-def run(spec: SandboxSpec, on_output: Callable[[bytes], None]) -> int:
+class Interpreter:
+    """A sandbox process started ahead of its step: ``builder.sandbox_init`` waiting on a pipe for its plan.
+
+    Starting the interpreter is most of a RUN's fixed cost (about 14 ms); one started while the builder
+    mounts the root, or while the previous step runs, is ready when the plan is. The thread that starts
+    it must outlive the step that uses it: the step's processes die with that thread.
+    """
+
+    def __init__(self) -> None:
+        self._used = False
+        spec_r, self.spec_w = os.pipe()
+        self.status_r, status_w = os.pipe()
+        self.output_r, output_w = os.pipe()
+        try:
+            # A session of its own: the terminal's Ctrl-C reaches only the builder, which then kills the step.
+            self.process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _BOOT, str(spec_r), str(status_w)],
+                stdin=subprocess.DEVNULL, stdout=output_w, stderr=output_w, pass_fds=(spec_r, status_w),
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in (self.spec_w, self.status_r, self.output_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (spec_r, status_w, output_w):
+                os.close(fd)
+
+    def ready(self) -> bool:
+        return not self._used and self.process.poll() is None
+
+    def close(self) -> None:
+        """End it if it was never used: it has started nothing yet, so killing it is enough."""
+        if self._used:
+            return
+        self._used = True
+        self.process.kill()
+        self.process.wait()
+        for fd in (self.spec_w, self.status_r, self.output_r):
+            os.close(fd)
+
+    def run(self, plan: dict, on_output: Callable[[bytes], None]) -> int:
+        """Send the plan, stream the output, and return the exit code; an interpreter runs one plan."""
+        self._used = True
+        process = self.process
+        try:
+            try:
+                with open(self.spec_w, "wb") as spec_pipe:
+                    spec_pipe.write(marshal.dumps(plan))
+            except BrokenPipeError:
+                pass  # the child died early; its status pipe or exit code says why
+            failure = _read_all(self.status_r)
+            while chunk := os.read(self.output_r, 65536):
+                on_output(chunk)
+            code = process.wait()
+        except BaseException:
+            # The child's death takes PID 1 of the namespace with it (parent-death signal), and every process.
+            process.kill()
+            process.wait()
+            raise
+        finally:
+            os.close(self.status_r)
+            os.close(self.output_r)
+        if failure:
+            raise SandboxError(failure.decode(errors="replace"))
+        return code if code >= 0 else 128 - code
+
+
+class SpareInterpreters:
+    """Keeps one sandbox interpreter started ahead of the next RUN, so no RUN waits for Python to start.
+
+    The first starts with the build (on the main thread); each RUN that takes one starts the next while it
+    runs, as long as RUNs are left. Stage threads live until the build ends, as their interpreters must.
+    """
+
+    def __init__(self, runs: int) -> None:
+        self._lock = threading.Lock()
+        self._runs_left = runs
+        self._spare = Interpreter() if runs else None
+
+    def take(self) -> Interpreter | None:
+        """The spare interpreter for the RUN about to start (None: it starts its own)."""
+        with self._lock:
+            spare, self._spare = self._spare, None
+            self._runs_left -= 1
+            if self._runs_left > 0:
+                self._spare = Interpreter()
+        return spare
+
+    def close(self) -> None:
+        with self._lock:
+            spare, self._spare = self._spare, None
+            self._runs_left = 0
+        if spare is not None:
+            spare.close()
+
+
+def run(spec: SandboxSpec, on_output: Callable[[bytes], None], interpreter: Interpreter | None = None) -> int:
     """Run the command and return its exit status, 128 + the signal number if a signal killed it.
 
     Mount points missing in the rootfs are created for the run and removed after it. The plan goes to
     ``builder.sandbox_init`` on a pipe (it may name secret files, so never on the command line or in the
     environment); all mounting happens in that child's private mount namespace, so none outlives it.
+    ``interpreter``, one started ahead (it is used up), saves starting one now.
     Safe to call from several threads at once: it changes no process-wide state.
     """
-    if not spec.argv:
-        raise SandboxError("nothing to run: the command is empty")
-    if spec.network not in ("none", "host"):
-        raise SandboxError(f"unsupported sandbox network mode {spec.network!r} (use none or host)")
-    rootfs = spec.rootfs.resolve()
+    if interpreter is not None and not interpreter.ready():
+        interpreter.close()
+        interpreter = None
     created: list[Path] = []
     try:
-        plan = _plan(spec, rootfs, created)
-        return _start_and_wait(plan, on_output)
+        if not spec.argv:
+            raise SandboxError("nothing to run: the command is empty")
+        if spec.network not in ("none", "host"):
+            raise SandboxError(f"unsupported sandbox network mode {spec.network!r} (use none or host)")
+        plan = _plan(spec, spec.rootfs.resolve(), created)
+        interpreter = interpreter or Interpreter()
+        return interpreter.run(plan, on_output)
     finally:
         _remove_created(created)
+        if interpreter is not None:
+            interpreter.close()  # unless it ran the plan
 
 
 def _plan(spec: SandboxSpec, rootfs: Path, created: list[Path]) -> dict:
@@ -221,47 +325,6 @@ def _remove_created(created: list[Path]) -> None:
                 path.unlink()
         except OSError:
             continue
-
-
-def _start_and_wait(plan: dict, on_output: Callable[[bytes], None]) -> int:
-    spec_r, spec_w = os.pipe()
-    status_r, status_w = os.pipe()
-    output_r, output_w = os.pipe()
-    try:
-        # A session of its own: the terminal's Ctrl-C reaches only the builder, which then kills the step.
-        process = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _BOOT, str(spec_r), str(status_w)],
-            stdin=subprocess.DEVNULL, stdout=output_w, stderr=output_w, pass_fds=(spec_r, status_w),
-            start_new_session=True,
-        )
-    except BaseException:
-        for fd in (spec_w, status_r, output_r):
-            os.close(fd)
-        raise
-    finally:
-        for fd in (spec_r, status_w, output_w):
-            os.close(fd)
-    try:
-        try:
-            with open(spec_w, "wb") as spec_pipe:
-                spec_pipe.write(marshal.dumps(plan))
-        except BrokenPipeError:
-            pass  # the child died early; its status pipe or exit code says why
-        failure = _read_all(status_r)
-        while chunk := os.read(output_r, 65536):
-            on_output(chunk)
-        code = process.wait()
-    except BaseException:
-        # The child's death takes PID 1 of the namespace with it (parent-death signal), and with it every process.
-        process.kill()
-        process.wait()
-        raise
-    finally:
-        os.close(status_r)
-        os.close(output_r)
-    if failure:
-        raise SandboxError(failure.decode(errors="replace"))
-    return code if code >= 0 else 128 - code
 
 
 def _read_all(fd: int) -> bytes:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO, Literal
 
 from builder.diff import LowerView, diff_tree, materialize
-from builder.linux import MNT_DETACH, mount, umount
+from builder.linux import MNT_DETACH, mark_top_directory, mount, umount
 from builder.untar import extract_tar, open_layer
 from parser.errors import PybuildError
 
@@ -212,7 +212,9 @@ class Snapshots:
 
     def _store(self) -> Path:
         store = self.root / snapshotter(self.root).store_name
-        store.mkdir(parents=True, exist_ok=True)
+        if not store.is_dir():
+            store.mkdir(parents=True, exist_ok=True)
+            mark_top_directory(store)  # each snapshot is its own tree
         return store
 
     def path(self, diff_id: str) -> Path:

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from builder import image as oci
+from builder import sandbox
 from builder.graph import PREDEFINED_ARGS, BuildGraph, Stage, host_platform, platform_args
+from builder.linux import mark_top_directory
+from builder.pending_layers import PendingLayers
 from builder.progress import Progress
 from builder.steps import STEPS, StageState, describe, heredoc_body, scratch_state
 from parser.errors import PybuildError
@@ -89,15 +92,30 @@ class Solver:
         self.snapshots = Snapshots(state_root / "snapshots")
         self.tmp_root = state_root / "tmp"
         self.tmp_root.mkdir(parents=True, exist_ok=True)
+        mark_top_directory(self.tmp_root)  # each step's work dir is its own tree
         sweep_stale_scratch(self.tmp_root)
         self.context = BuildContext(options.context, dockerfile_path=options.dockerfile_path)
         self.created = epoch_timestamp(options.source_date_epoch)
         self.futures: dict[int, Future[oci.Image]] = {}
         self.failed = threading.Event()
+        self.pending_layers = PendingLayers(self.blobs, options.compression, options.source_date_epoch)
+        self.exported_stages = self._base_chain(graph.target)
+        self.interpreters = sandbox.SpareInterpreters(sum(
+            isinstance(instruction, Run) for index in graph.needed for instruction in graph.stages[index].instructions
+        ))
 
     def scratch_dir(self) -> Path:
         """A work dir for one step, named by this process so a later build can tell it is stale."""
         return Path(tempfile.mkdtemp(dir=self.tmp_root, prefix=f"step-{os.getpid()}-"))
+
+    def _base_chain(self, index: int) -> set[int]:
+        """The stages whose layers the target's image holds: the target and the stages it is built FROM."""
+        chain: set[int] = set()
+        stage: Stage | None = self.graph.stages[index]
+        while stage is not None and stage.index not in chain:
+            chain.add(stage.index)
+            stage = self.graph.stage_by_reference(stage.base, stage.index)
+        return chain
 
     def solve(self) -> oci.Image:
         workers = max(1, min(len(self.graph.needed), os.cpu_count() or 1))
@@ -106,12 +124,17 @@ class Solver:
             for index in self.graph.needed:
                 self.futures[index] = pool.submit(self._build_stage_guarded, self.graph.stages[index])
             image = self.futures[self.graph.target].result()
+            image = replace(image, layers=tuple(self.pending_layers.written(layer) for layer in image.layers))
         except BaseException:
             # Do not wait for other stages' running steps: the CLI exits, and their sandboxes die with it.
             self.failed.set()
             pool.shutdown(wait=False, cancel_futures=True)
+            self.pending_layers.close(wait=False)
             raise
+        finally:
+            self.interpreters.close()
         pool.shutdown(wait=True)
+        self.pending_layers.close()
         return image
 
     def stage_image(self, index: int) -> oci.Image:
@@ -298,15 +321,15 @@ class StepContext:
             else:
                 with mounted_root(lowers, scratch) as root:
                     action(root.merged)
-            with solver.blobs.writer() as out:
-                layer = write_layer(root.upper, out.file, compression=solver.options.compression,
-                                    source_date_epoch=solver.options.source_date_epoch,
-                                    lower_stat=None if independent else root.lower_stat)
-                if layer is None:
-                    out.discard()
+            # Only hashed here: the blob is written in the background, and only if the image needs it.
+            layer = write_layer(root.upper, None, compression=solver.options.compression,
+                                source_date_epoch=solver.options.source_date_epoch,
+                                lower_stat=None if independent else root.lower_stat)
             if layer is None:
                 return replace(state, image=state.image.add_history(state.history(created_by, empty_layer=True)))
-            solver.snapshots.adopt(layer.diff_id, root.upper)
+            snapshot = solver.snapshots.adopt(layer.diff_id, root.upper)
+            solver.pending_layers.add(layer, snapshot, None if independent else lowers,
+                                      start=self.stage.index in solver.exported_stages)
             image = replace(state.image, layers=(*state.image.layers, layer))
             return replace(state, image=image.add_history(state.history(created_by, empty_layer=False)))
         finally:
@@ -373,7 +396,6 @@ class StepContext:
 
     def run(self, state: StageState, instruction: Run, argv: tuple[str, ...], created_by: str,
             mounts: tuple[Mount, ...], network: str | None) -> StageState:
-        from builder import sandbox
         from builder.users import resolve_user
 
         network = network or self.solver.options.network
@@ -399,7 +421,8 @@ class StepContext:
                     mounts=tuple(item for item in sandbox_mounts if item is not None),
                 )
                 try:
-                    code = sandbox.run(spec, lambda data: progress.output(step, data))
+                    code = sandbox.run(spec, lambda data: progress.output(step, data),
+                                       interpreter=self.solver.interpreters.take())
                 except sandbox.SandboxError as exc:
                     raise PybuildError(f"RUN: {exc.message}", instruction.location, hint=exc.hint) from None
             if code != 0:
@@ -412,8 +435,6 @@ class StepContext:
 
     def _sandbox_mount(self, stack: contextlib.ExitStack, mount: Mount, env: dict[str, str],
                        instruction: Run):
-        from builder import sandbox
-
         kind = mount.type or "bind"
         if kind == "bind":
             from builder.context import PathEscape, SourceTree, resolve_in_root

@@ -269,3 +269,25 @@ def test_docker_output_has_gzip_layers_and_the_same_image_id(store: Pybuild, tmp
         for layer in manifest[0]["Layers"]:
             assert outer.extractfile(layer).read(2) == b"\x1f\x8b"  # gzip magic: what docker load reads
     assert zstd_build in done.stderr  # the image ID does not depend on the layers' compression
+
+
+def test_only_the_built_images_layers_are_stored_as_blobs(store: Pybuild, tmp_path: Path) -> None:
+    """A stage that is only copied from keeps its snapshots but never has its layers compressed into blobs."""
+    fresh = Pybuild(tmp_path / "fresh-root")
+    fresh.run("load", "-i", store.save("busybox-base", tmp_path / "base.tar"))
+    directory = context(tmp_path, "FROM busybox-base AS gen\nRUN echo made > /g && head -c 9999 /dev/urandom > /r\n"
+                        "FROM busybox-base AS final\nCOPY --from=gen /g /copied\nRUN cat /copied > /again\n")
+    fresh.build(directory, "-t", "copied-only")
+    from builder.store import ImageStore
+
+    images = ImageStore(fresh.root).list()
+    referenced = {digest for stored in images
+                  for digest in (stored.manifest.digest, stored.image_id,
+                                 *(layer.digest for layer in stored.image.layers))}
+    stored = {"sha256:" + path.name for path in (fresh.root / "blobs" / "sha256").iterdir()}
+    assert stored == referenced  # no blob of the gen stage's layer
+    built, = (image for image in images if "copied-only:latest" in image.names)
+    base, = (image for image in images if "busybox-base:latest" in image.names)
+    assert built.image.layers[:-2] == base.image.layers  # and the layers of COPY and RUN
+    snapshots = [path for path in (fresh.root / "snapshots").glob("*/*") if not path.name.startswith(".")]
+    assert len(snapshots) == len(built.image.layers) + 1  # and the gen stage's layer, as a snapshot only

@@ -400,3 +400,68 @@ def test_symlink_loops_are_refused(tmp_path: Path) -> None:
     (tmp_path / "b").symlink_to("a")
     with pytest.raises(SandboxError, match="too many levels of symbolic links"):
         sandbox._resolve_inside(tmp_path, "/a/x")
+
+
+@needs_root
+def test_an_interpreter_started_ahead_runs_the_plan_once(busybox_rootfs: Path) -> None:
+    interpreter = sandbox.Interpreter()
+    assert interpreter.ready()
+    chunks: list[bytes] = []
+    spec = SandboxSpec(rootfs=busybox_rootfs, argv=("sh", "-c", "echo $$"), env=PATH_ENV)
+    assert sandbox.run(spec, chunks.append, interpreter=interpreter) == 0
+    assert b"".join(chunks) == b"1\n"  # PID 1 of its own namespace, as without a started interpreter
+    assert not interpreter.ready() and interpreter.process.returncode == 0
+    interpreter.close()  # used up: closing again changes nothing
+
+
+@needs_root
+def test_a_dead_interpreter_is_replaced(busybox_rootfs: Path) -> None:
+    interpreter = sandbox.Interpreter()
+    interpreter.process.kill()
+    interpreter.process.wait()
+    assert not interpreter.ready()
+    chunks: list[bytes] = []
+    spec = SandboxSpec(rootfs=busybox_rootfs, argv=("echo", "fresh"), env=PATH_ENV)
+    assert sandbox.run(spec, chunks.append, interpreter=interpreter) == 0
+    assert b"".join(chunks) == b"fresh\n"
+
+
+def test_an_unused_interpreter_is_ended_and_reaped() -> None:
+    interpreter = sandbox.Interpreter()
+    pid = interpreter.process.pid
+    interpreter.close()
+    assert interpreter.process.returncode is not None
+    assert not Path(f"/proc/{pid}").exists()
+
+
+@needs_root
+def test_a_failed_plan_ends_the_interpreter(busybox_rootfs: Path) -> None:
+    interpreter = sandbox.Interpreter()
+    spec = SandboxSpec(rootfs=busybox_rootfs, argv=(), env=PATH_ENV)
+    with pytest.raises(SandboxError, match="nothing to run"):
+        sandbox.run(spec, lambda data: None, interpreter=interpreter)
+    assert interpreter.process.returncode is not None
+
+
+def test_spare_interpreters_cover_the_runs_they_are_told_of() -> None:
+    spares = sandbox.SpareInterpreters(2)
+    first = spares.take()
+    second = spares.take()
+    try:
+        assert first is not None and second is not None and first is not second
+        assert first.ready() and second.ready()
+        assert spares.take() is None  # more RUNs than counted (ONBUILD triggers) start their own
+    finally:
+        for interpreter in (first, second):
+            if interpreter is not None:
+                interpreter.close()
+    assert sandbox.SpareInterpreters(0).take() is None
+
+
+def test_closing_spare_interpreters_ends_the_waiting_one() -> None:
+    spares = sandbox.SpareInterpreters(3)
+    waiting = spares._spare
+    assert waiting is not None and waiting.ready()
+    spares.close()
+    assert waiting.process.returncode is not None
+    assert spares.take() is None

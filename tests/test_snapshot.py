@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
 import os
 import shutil
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -16,10 +18,12 @@ from pathlib import Path
 import pytest
 from conftest import skip_if_chrooted
 
-from builder import snapshot
+from builder import linux, snapshot
 from builder.image import Layer
 from builder.layer import write_layer
+from builder.pending_layers import PendingLayers
 from builder.snapshot import Snapshots, Snapshotter, StepRoot, mounted_root
+from cache.blobs import BlobStore
 from parser.errors import PybuildError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount overlayfs and keep file owners")
@@ -360,3 +364,76 @@ def test_rootless_in_a_user_namespace(kind: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     store = "overlay-userxattr" if kind == "overlay" else "copy"
     assert result.stdout.splitlines() == [f"True {store}", ".wh.f d d/.wh..wh..opq d/new"]
+
+
+def hashed_step(store: Store, layers: list[Layer], action: Callable[[Path], None]) -> tuple[Layer, Layer, list[Path]]:
+    """A step as the builder makes it: only hashed, then adopted; also the layer written at once, to compare."""
+    scratch = store.scratch()
+    lowers = [store.snapshots.path(layer.diff_id) for layer in layers]
+    with mounted_root(lowers, scratch) as root:
+        action(root.merged)
+    with open(store.root / "direct.tar.zst", "wb") as out:
+        direct = write_layer(root.upper, out, compression="zstd", source_date_epoch=EPOCH, lower_stat=root.lower_stat)
+    pending = write_layer(root.upper, None, compression="zstd", source_date_epoch=EPOCH, lower_stat=root.lower_stat)
+    assert direct is not None and pending is not None
+    store.snapshots.adopt(pending.diff_id, root.upper)
+    shutil.rmtree(scratch)
+    return pending, direct, lowers
+
+
+@pytest.mark.parametrize("start", [True, False])
+def test_a_pending_layer_gets_the_blob_writing_it_at_once_gives(kind: str, store: Store, start: bool) -> None:
+    first = store.step([], base)
+    assert first is not None
+    pending, direct, lowers = hashed_step(store, [first], change)
+    assert pending.pending and (pending.digest, pending.size) == ("", 0)
+    assert pending.diff_id == direct.diff_id and pending.media_type == direct.media_type
+    blobs = BlobStore(store.root / "store")
+    layers = PendingLayers(blobs, "zstd", EPOCH)
+    layers.add(pending, store.snapshots.path(pending.diff_id), lowers, start=start)
+    written = layers.written(pending)
+    layers.close()
+    assert written == direct  # same diff_id, digest, size and media type
+    assert blobs.path(written.digest).read_bytes() == (store.root / "direct.tar.zst").read_bytes()
+
+
+def test_a_pending_layer_whose_snapshot_changed_is_refused(kind: str, store: Store) -> None:
+    pending, _, lowers = hashed_step(store, [], base)
+    snapshot_dir = store.snapshots.path(pending.diff_id)
+    (snapshot_dir / "etc" / "motd").write_text("tampered")
+    layers = PendingLayers(BlobStore(store.root / "store"), "zstd", EPOCH)
+    layers.add(pending, snapshot_dir, lowers, start=False)
+    with pytest.raises(PybuildError, match="changed before its blob was written"):
+        layers.written(pending)
+    layers.close()
+
+
+def test_a_layer_not_made_by_this_build_has_no_source(store: Store) -> None:
+    layers = PendingLayers(BlobStore(store.root / "store"), "zstd", EPOCH)
+    with pytest.raises(PybuildError, match="not made by this build"):
+        layers.written(Layer(diff_id="sha256:" + "0" * 64, digest="", size=0))
+    layers.close()
+
+
+def inode_flags(path: Path) -> int | None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, linux.FS_IOC_GETFLAGS, b"\0" * 4))[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def test_the_snapshot_store_spreads_its_snapshots(kind: str, tmp_path: Path) -> None:
+    """Each snapshot is its own tree: the store asks ext4 to place them apart (chattr +T) where it can."""
+    store = Snapshots(tmp_path / "snapshots").path("sha256:" + "0" * 64).parent
+    flags = inode_flags(store)
+    if flags is None:
+        pytest.skip(f"{tmp_path}'s filesystem has no inode flags")
+    assert flags & linux.FS_TOPDIR_FL
+    assert linux.mark_top_directory(store)  # marking again is harmless
+
+
+def test_marking_a_top_directory_where_unsupported_is_no_error() -> None:
+    assert linux.mark_top_directory("/proc") is False
