@@ -18,6 +18,8 @@ from parser.instructions import Dockerfile
 
 @dataclass(frozen=True)
 class BuildRequest:
+    """Everything one ``pybuild build`` asks for, as the CLI read it."""
+
     dockerfile: Dockerfile
     context: Path
     dockerfile_path: Path | None = None
@@ -38,13 +40,14 @@ class BuildRequest:
 
 @dataclass(frozen=True)
 class BuildResult:
+    """What a build made: the image ID, the manifest digest and the names it was stored under."""
+
     image_id: str
     manifest_digest: str
     names: tuple[str, ...]
 
 
 def run_build(request: BuildRequest, state_root: Path | None = None) -> BuildResult:
-    from builder.exporter import with_gzip_layers, write_oci_archive, write_rootfs
     from builder.namespace import enter_build_namespace
     from builder.store import default_root
 
@@ -74,6 +77,8 @@ def run_build(request: BuildRequest, state_root: Path | None = None) -> BuildRes
         manifest = solver.store.write_image(image, names)
         image_id = sha256_digest(config_json(image))  # docker's image ID: the config blob write_image stored
         for output in request.outputs:
+            from builder.exporter import with_gzip_layers, write_oci_archive, write_rootfs
+
             kind = output["type"]
             if kind == "oci":
                 write_oci_archive(solver.store, [(manifest, names)], Path(output["dest"]))

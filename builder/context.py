@@ -158,6 +158,8 @@ def translate(pattern: str, *, double_star: bool) -> str:
 
 @dataclass(frozen=True)
 class _Rule:
+    """One line of a .dockerignore (or --exclude) pattern list, compiled."""
+
     text: str
     exception: bool
     regex: re.Pattern[str]

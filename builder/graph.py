@@ -60,6 +60,8 @@ class Stage:
 
 @dataclass(frozen=True)
 class BuildGraph:
+    """The stages of a Dockerfile, the target, and which stages the target needs."""
+
     dockerfile: Dockerfile
     stages: tuple[Stage, ...]
     target: int

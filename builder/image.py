@@ -55,6 +55,8 @@ class Layer:
 
 @dataclass(frozen=True)
 class Descriptor:
+    """An OCI content descriptor: what a manifest or index says about a blob."""
+
     media_type: str
     digest: str
     size: int
@@ -94,6 +96,8 @@ class Healthcheck:
 
 @dataclass(frozen=True)
 class History:
+    """One entry of the image config's history: the step that made it, and whether it made a layer."""
+
     created_by: str
     empty_layer: bool = False
     created: str = ""

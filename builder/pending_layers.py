@@ -47,6 +47,17 @@ class PendingLayers:
         if start:
             self._future(layer)
 
+    def write_now(self, layer: Layer, upper: Path, lowers: Sequence[Path] | None) -> None:
+        """Write the blob from a step's own upper dir, before it goes: for a layer whose snapshot exists already.
+
+        That snapshot may come from a step over other lowers, and directories only copied up there would
+        count as changes over this step's lowers: its tar could differ from this one.
+        """
+        future: Future[Layer] = Future()
+        future.set_result(self._write(layer.diff_id, LayerSource(upper, None if lowers is None else tuple(lowers))))
+        with self._lock:
+            self._written.setdefault(layer.diff_id, future)
+
     def _future(self, layer: Layer) -> Future[Layer]:
         with self._lock:
             future = self._written.get(layer.diff_id)

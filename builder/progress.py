@@ -20,6 +20,8 @@ TAIL_LINES = 6
 
 @dataclass
 class StepView:
+    """What the live view shows of one step: its title, state, time and last lines."""
+
     number: int
     name: str
     started: float

@@ -56,6 +56,8 @@ class SecretSource:
 
 @dataclass(frozen=True)
 class BuildOptions:
+    """The parts of a build request the steps need while they run."""
+
     context: Path
     build_args: Mapping[str, str] = field(default_factory=dict)
     target: str | None = None
@@ -80,7 +82,7 @@ class Solver:
 
     def __init__(self, graph: BuildGraph, options: BuildOptions, progress: Progress, state_root: Path) -> None:
         from builder.context import BuildContext
-        from builder.snapshot import Snapshots
+        from builder.snapshot import Snapshots, snapshotter
         from builder.store import ImageStore
         from cache.blobs import BlobStore
 
@@ -90,6 +92,7 @@ class Solver:
         self.store = ImageStore(state_root)
         self.blobs = BlobStore(state_root)
         self.snapshots = Snapshots(state_root / "snapshots")
+        snapshotter(self.snapshots.root)  # chosen where the choice is remembered, before any step's scratch dir
         self.tmp_root = state_root / "tmp"
         self.tmp_root.mkdir(parents=True, exist_ok=True)
         mark_top_directory(self.tmp_root)  # each step's work dir is its own tree
@@ -327,9 +330,12 @@ class StepContext:
                                 lower_stat=None if independent else root.lower_stat)
             if layer is None:
                 return replace(state, image=state.image.add_history(state.history(created_by, empty_layer=True)))
+            below = None if independent else lowers
+            exported = self.stage.index in solver.exported_stages
+            if exported and solver.snapshots.has(layer.diff_id):
+                solver.pending_layers.write_now(layer, root.upper, below)
             snapshot = solver.snapshots.adopt(layer.diff_id, root.upper)
-            solver.pending_layers.add(layer, snapshot, None if independent else lowers,
-                                      start=self.stage.index in solver.exported_stages)
+            solver.pending_layers.add(layer, snapshot, below, start=exported)
             image = replace(state.image, layers=(*state.image.layers, layer))
             return replace(state, image=image.add_history(state.history(created_by, empty_layer=False)))
         finally:

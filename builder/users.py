@@ -24,6 +24,8 @@ _NUMBER = re.compile(r"[0-9]+")
 
 @dataclass(frozen=True)
 class UserIds:
+    """A USER resolved in the image: numeric uid, gid and supplementary groups."""
+
     uid: int
     gid: int
     groups: tuple[int, ...] = ()

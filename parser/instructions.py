@@ -34,6 +34,8 @@ class Command:
 
 @dataclass(frozen=True, kw_only=True)
 class From(Instruction):
+    """``FROM image [AS name]``: the base of a stage."""
+
     image: str
     stage_name: str | None = None
     platform: str | None = None
@@ -41,6 +43,8 @@ class From(Instruction):
 
 @dataclass(frozen=True, kw_only=True)
 class Run(Instruction):
+    """``RUN``: a command in the sandbox, with its mounts, network and heredoc bodies."""
+
     command: Command
     heredocs: tuple[Heredoc, ...] = ()
     mounts: tuple[Mount, ...] = ()
@@ -51,21 +55,29 @@ class Run(Instruction):
 
 @dataclass(frozen=True, kw_only=True)
 class Cmd(Instruction):
+    """``CMD``: the image's default command or ENTRYPOINT arguments."""
+
     command: Command
 
 
 @dataclass(frozen=True, kw_only=True)
 class Entrypoint(Instruction):
+    """``ENTRYPOINT``: the program the image runs, with CMD as its arguments."""
+
     command: Command
 
 
 @dataclass(frozen=True, kw_only=True)
 class Shell(Instruction):
+    """``SHELL``: the argv prefix for later shell-form commands."""
+
     args: tuple[str, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Copy(Instruction):
+    """``COPY``: files from the context, a stage, an image or inline heredocs into the image."""
+
     sources: tuple[str, ...]
     dest: str
     source_contents: tuple[Heredoc, ...] = ()  # inline files: `COPY <<EOF /dest`
@@ -79,6 +91,8 @@ class Copy(Instruction):
 
 @dataclass(frozen=True, kw_only=True)
 class Add(Instruction):
+    """``ADD``: COPY plus local archive extraction and URL downloads."""
+
     sources: tuple[str, ...]
     dest: str
     source_contents: tuple[Heredoc, ...] = ()
@@ -93,58 +107,80 @@ class Add(Instruction):
 
 @dataclass(frozen=True)
 class KeyValue:
+    """One ``key=value`` pair of ENV or LABEL."""
+
     key: str
     value: str
 
 
 @dataclass(frozen=True, kw_only=True)
 class Env(Instruction):
+    """``ENV``: variables for later steps and the image."""
+
     pairs: tuple[KeyValue, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Label(Instruction):
+    """``LABEL``: metadata in the image config."""
+
     pairs: tuple[KeyValue, ...]
 
 
 @dataclass(frozen=True)
 class ArgDefinition:
+    """One name of an ARG, with its default if it has one."""
+
     name: str
     default: str | None = None  # None: no default given (`ARG NAME`)
 
 
 @dataclass(frozen=True, kw_only=True)
 class Arg(Instruction):
+    """``ARG``: build arguments declared for the stage (or globally, before the first FROM)."""
+
     args: tuple[ArgDefinition, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Expose(Instruction):
+    """``EXPOSE``: ports, as written (expanded later)."""
+
     ports: tuple[str, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Volume(Instruction):
+    """``VOLUME``: mount points recorded in the image config."""
+
     paths: tuple[str, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
 class Workdir(Instruction):
+    """``WORKDIR``: the working directory, created when missing."""
+
     path: str
 
 
 @dataclass(frozen=True, kw_only=True)
 class User(Instruction):
+    """``USER``: the user (and group) later steps and the image run as."""
+
     user: str
 
 
 @dataclass(frozen=True, kw_only=True)
 class Stopsignal(Instruction):
+    """``STOPSIGNAL``: the signal that stops a container of the image."""
+
     signal: str
 
 
 @dataclass(frozen=True, kw_only=True)
 class Maintainer(Instruction):
+    """``MAINTAINER``: the deprecated author field."""
+
     name: str
 
 
@@ -170,6 +206,8 @@ class Onbuild(Instruction):
 
 @dataclass(frozen=True)
 class Dockerfile:
+    """A parsed Dockerfile: its instructions, parser directives and warnings."""
+
     filename: str
     instructions: tuple[Instruction, ...]
     escape: str = "\\"

@@ -56,6 +56,8 @@ class LogicalLine:
 
 @dataclass(frozen=True)
 class Directive:
+    """A parser directive (``# syntax=``, ``# escape=``, ``# check=``) from the file's head."""
+
     name: str
     value: str
     line: int
@@ -63,6 +65,8 @@ class Directive:
 
 @dataclass(frozen=True)
 class ParseWarning:
+    """Something accepted but worth telling the user, with its line."""
+
     message: str
     line: int
 
@@ -164,6 +168,8 @@ def _continues(line: str, escape: str) -> tuple[str, bool]:
 
 @dataclass
 class LineSplit:
+    """A file cut into logical lines, with the warnings and the directives found out of place on the way."""
+
     lines: list[LogicalLine]
     warnings: list[ParseWarning]
     misplaced_directives: list[Directive]

@@ -305,12 +305,6 @@ def test_unknown_snapshotter_is_an_error(tmp_path: Path, monkeypatch: pytest.Mon
         snapshot._choose(tmp_path)
 
 
-def test_detection_finds_overlay_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(snapshot.SNAPSHOTTER_ENV, raising=False)
-    assert snapshot._choose(tmp_path) == Snapshotter("overlay")
-    assert list(tmp_path.iterdir()) == []
-
-
 ROOTLESS = """
 import io, os, shutil, sys, tarfile
 from pathlib import Path
@@ -437,3 +431,21 @@ def test_the_snapshot_store_spreads_its_snapshots(kind: str, tmp_path: Path) -> 
 
 def test_marking_a_top_directory_where_unsupported_is_no_error() -> None:
     assert linux.mark_top_directory("/proc") is False
+
+
+def test_detection_finds_overlay_here_and_remembers_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(snapshot.SNAPSHOTTER_ENV, raising=False)
+    chosen = snapshot._choose(tmp_path)
+    assert chosen == Snapshotter("overlay")
+    memo = tmp_path / ".overlay-mounts"
+    assert memo.read_text() == f"{chosen.store_name} {os.uname().release}\n"
+    assert [path.name for path in tmp_path.iterdir()] == [memo.name]  # the probe's dirs are gone
+
+    def no_mount(*args: object) -> None:
+        raise AssertionError("probed again")
+
+    monkeypatch.setattr(snapshot, "_overlay", no_mount)
+    assert snapshot._choose(tmp_path) == chosen
+    memo.write_text(f"{chosen.store_name} another-kernel\n")
+    with pytest.raises(AssertionError, match="probed again"):
+        snapshot._choose(tmp_path)
