@@ -10,6 +10,7 @@ from pathlib import Path
 from builder.graph import build_graph, host_platform
 from builder.image import config_json, sha256_digest
 from builder.progress import make_progress
+from builder.sandbox import Interpreter
 from builder.solver import BuildOptions, SecretSource, Solver
 from builder.store import atomic_file
 from parser.errors import PybuildError
@@ -47,7 +48,9 @@ class BuildResult:
     names: tuple[str, ...]
 
 
-def run_build(request: BuildRequest, state_root: Path | None = None) -> BuildResult:
+def run_build(request: BuildRequest, state_root: Path | None = None, interpreter: Interpreter | None = None
+              ) -> BuildResult:
+    """Build what ``request`` asks; ``interpreter``, a sandbox started ahead by the caller, serves the first RUN."""
     from builder.namespace import enter_build_namespace
     from builder.store import default_root
 
@@ -68,7 +71,7 @@ def run_build(request: BuildRequest, state_root: Path | None = None) -> BuildRes
             named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
             dockerfile_path=request.dockerfile_path,
         )
-        solver = Solver(graph, options, progress, root)
+        solver = Solver(graph, options, progress, root, interpreter)
         image = solver.solve()
         names = tuple(request.tags)
         for output in request.outputs:

@@ -32,13 +32,19 @@ class BuildNamespace:
     overlay_userxattr: bool
 
 
+_entered: BuildNamespace | None = None
+
+
 def enter_build_namespace() -> BuildNamespace:
-    """Enter the build's namespaces; call once, while the process is still single-threaded.
+    """Enter the build's namespaces while the process is still single-threaded; later calls return the first's.
 
     The builder's overlay and bind mounts then stay private to the process and vanish with it. A non-root
     user becomes root of a new user namespace: with ranges in /etc/subuid and /etc/subgid (and the setuid
     newuidmap/newgidmap) image users other than root exist too; without them only root does.
     """
+    global _entered
+    if _entered is not None:
+        return _entered
     if os.geteuid() == 0:
         _unshare(linux.CLONE_NEWNS, "a mount namespace")
     else:
@@ -52,8 +58,9 @@ def enter_build_namespace() -> BuildNamespace:
         _make_visible_mounts_private()
     ids = read_id_map(Path("/proc/self/uid_map"))
     in_user_namespace = ids != INITIAL_MAP
-    return BuildNamespace(rootless=in_user_namespace, id_ranges=sum(count for _, _, count in ids),
-                          overlay_userxattr=in_user_namespace)
+    _entered = BuildNamespace(rootless=in_user_namespace, id_ranges=sum(count for _, _, count in ids),
+                              overlay_userxattr=in_user_namespace)
+    return _entered
 
 
 def _make_visible_mounts_private() -> None:

@@ -147,14 +147,18 @@ class Interpreter:
 class SpareInterpreters:
     """Keeps one sandbox interpreter started ahead of the next RUN, so no RUN waits for Python to start.
 
-    The first starts with the build (on the main thread); each RUN that takes one starts the next while it
-    runs, as long as RUNs are left. Stage threads live until the build ends, as their interpreters must.
+    The first starts with the build (on the main thread), unless the caller ``started`` one earlier; each
+    RUN that takes one starts the next while it runs, as long as RUNs are left. Stage threads live until
+    the build ends, as their interpreters must.
     """
 
-    def __init__(self, runs: int) -> None:
+    def __init__(self, runs: int, started: Interpreter | None = None) -> None:
         self._lock = threading.Lock()
         self._runs_left = runs
-        self._spare = Interpreter() if runs else None
+        if started is not None and not runs:
+            started.close()
+            started = None
+        self._spare = started or (Interpreter() if runs else None)
 
     def take(self) -> Interpreter | None:
         """The spare interpreter for the RUN about to start (None: it starts its own)."""

@@ -80,7 +80,8 @@ class RunFailed(PybuildError):
 class Solver:
     """Builds the stages a graph needs, sharing one store, blob store and snapshot store."""
 
-    def __init__(self, graph: BuildGraph, options: BuildOptions, progress: Progress, state_root: Path) -> None:
+    def __init__(self, graph: BuildGraph, options: BuildOptions, progress: Progress, state_root: Path,
+                 interpreter: sandbox.Interpreter | None = None) -> None:
         from builder.context import BuildContext
         from builder.snapshot import Snapshots, snapshotter
         from builder.store import ImageStore
@@ -105,7 +106,7 @@ class Solver:
         self.exported_stages = self._base_chain(graph.target)
         self.interpreters = sandbox.SpareInterpreters(sum(
             isinstance(instruction, Run) for index in graph.needed for instruction in graph.stages[index].instructions
-        ))
+        ), started=interpreter)
 
     def scratch_dir(self) -> Path:
         """A work dir for one step, named by this process so a later build can tell it is stale."""

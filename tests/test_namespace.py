@@ -59,10 +59,13 @@ import dataclasses, json, os, sys
 from builder import linux
 from builder.namespace import enter_build_namespace
 namespace = enter_build_namespace()
+entered = os.readlink("/proc/self/ns/mnt")
 linux.mount("tmpfs", sys.argv[1], "tmpfs", 0)
+again = enter_build_namespace()  # the CLI enters early, the build again: the second call changes nothing
 mountinfo = open("/proc/self/mountinfo").read().splitlines()
 tags = sorted({tag for line in mountinfo for tag in line.split(" - ")[0].split()[6:]})
 print(json.dumps({"namespace": dataclasses.asdict(namespace), "mnt": os.readlink("/proc/self/ns/mnt"),
+                  "same": again is namespace and os.readlink("/proc/self/ns/mnt") == entered,
                   "mounted": any(line.split()[4] == sys.argv[1] for line in mountinfo), "propagation": tags}))
 """
 
@@ -76,6 +79,7 @@ def test_as_root_mounts_are_private_to_the_process(tmp_path: Path) -> None:
     report = json.loads(result.stdout)
     assert report["namespace"] == {"rootless": False, "id_ranges": 4294967296 - 1, "overlay_userxattr": False}
     assert report["mnt"] != os.readlink("/proc/self/ns/mnt")
+    assert report["same"]
     assert report["mounted"]
     assert report["propagation"] == []  # no shared: or master: tag on any mount: nothing propagates either way
     assert str(target) not in Path("/proc/self/mountinfo").read_text()

@@ -465,3 +465,18 @@ def test_closing_spare_interpreters_ends_the_waiting_one() -> None:
     spares.close()
     assert waiting.process.returncode is not None
     assert spares.take() is None
+
+
+def test_an_interpreter_started_for_a_build_without_runs_is_ended() -> None:
+    started = sandbox.Interpreter()
+    spares = sandbox.SpareInterpreters(0, started=started)
+    assert started.process.returncode is not None
+    assert spares.take() is None
+
+
+def test_an_interpreter_started_early_serves_the_first_run() -> None:
+    started = sandbox.Interpreter()
+    spares = sandbox.SpareInterpreters(1, started=started)
+    assert spares.take() is started
+    assert spares.take() is None
+    started.close()
