@@ -222,7 +222,8 @@ class Snapshots:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    def _store(self) -> Path:
+    def directory(self) -> Path:
+        """Where this snapshotter's snapshots live (created on first use)."""
         store = self.root / snapshotter(self.root).store_name
         if not store.is_dir():
             store.mkdir(parents=True, exist_ok=True)
@@ -232,7 +233,7 @@ class Snapshots:
     def path(self, diff_id: str) -> Path:
         if not _DIFF_ID.fullmatch(diff_id):
             raise PybuildError(f"layer diff_id {diff_id!r} is not a sha256 digest")
-        return self._store() / diff_id.removeprefix("sha256:")
+        return self.directory() / diff_id.removeprefix("sha256:")
 
     def has(self, diff_id: str) -> bool:
         return self.path(diff_id).is_dir()
@@ -243,7 +244,7 @@ class Snapshots:
         if final.is_dir():
             return final
         mode = snapshotter(self.root)
-        temp = Path(tempfile.mkdtemp(dir=final.parent, prefix=".unpack-"))
+        temp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".unpack-{os.getpid()}-"))
         try:
             os.chmod(temp, 0o755)
             with open(blob, "rb") if isinstance(blob, Path) else contextlib.nullcontext(blob) as raw:

@@ -105,7 +105,8 @@ class BlobStore:
     def temp_file(self) -> tuple[BinaryIO, Path]:
         """A new private temp file on the store's filesystem, so committing it is a rename."""
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=self.tmp_dir)
+        # Named by this process, so a later build can tell a killed build's leftover (see sweep_stale_scratch).
+        handle, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", suffix=".tmp", dir=self.tmp_dir)
         return os.fdopen(handle, "wb"), Path(name)
 
     @contextlib.contextmanager

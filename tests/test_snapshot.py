@@ -421,7 +421,7 @@ def inode_flags(path: Path) -> int | None:
 
 def test_the_snapshot_store_spreads_its_snapshots(kind: str, tmp_path: Path) -> None:
     """Each snapshot is its own tree: the store asks ext4 to place them apart (chattr +T) where it can."""
-    store = Snapshots(tmp_path / "snapshots").path("sha256:" + "0" * 64).parent
+    store = Snapshots(tmp_path / "snapshots").directory()
     flags = inode_flags(store)
     if flags is None:
         pytest.skip(f"{tmp_path}'s filesystem has no inode flags")
@@ -449,3 +449,23 @@ def test_detection_finds_overlay_here_and_remembers_it(tmp_path: Path, monkeypat
     memo.write_text(f"{chosen.store_name} another-kernel\n")
     with pytest.raises(AssertionError, match="probed again"):
         snapshot._choose(tmp_path)
+
+
+def test_what_killed_builds_left_is_swept(tmp_path: Path) -> None:
+    from builder.solver import sweep_stale_scratch
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tmp_root, store = tmp_path / "tmp", tmp_path / "snapshots" / "overlay"
+    for directory in (tmp_root, store):
+        directory.mkdir(parents=True)
+    leftovers = [tmp_root / f"step-{dead.pid}-abc", store / f".unpack-{dead.pid}-abc"]
+    kept = [tmp_root / f"step-{os.getpid()}-abc", store / f".unpack-{os.getpid()}-abc", store / ("1" * 64)]
+    for directory in leftovers + kept:
+        (directory / "sub").mkdir(parents=True)
+    (tmp_root / f".blob-{dead.pid}-abc.tmp").write_bytes(b"half a blob")
+    (tmp_root / f".blob-{os.getpid()}-abc.tmp").write_bytes(b"a blob being written")
+    sweep_stale_scratch(tmp_root, store)
+    own = os.getpid()
+    assert sorted(path.name for path in tmp_root.iterdir()) == [f".blob-{own}-abc.tmp", f"step-{own}-abc"]
+    assert sorted(path.name for path in store.iterdir()) == sorted([f".unpack-{os.getpid()}-abc", "1" * 64])
