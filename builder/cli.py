@@ -152,10 +152,10 @@ def build(context: Path, file: str | None, tags: tuple[str, ...], build_args: tu
         raise PybuildError(f"build context {context} {state}")
     source, name = _read_dockerfile(file, context)
     interpreter = _start_sandbox_early(source)
-    from builder.build import BuildRequest, run_build
-    from parser import parse
-
     try:
+        from builder.build import BuildRequest, run_build
+        from parser import parse
+
         dockerfile = parse(source, name)
         _show_warnings(dockerfile.warnings, name)
         parsed_outputs = _outputs(outputs)
