@@ -161,8 +161,10 @@ def test_sigkill_mid_build_leaves_a_usable_store(store: Pybuild, tmp_path: Path)
 def test_ctrl_c_stops_the_build_and_its_processes(store: Pybuild, tmp_path: Path) -> None:
     directory = context(tmp_path, "FROM busybox-base\nRUN echo started; sleep 61\n")
     environment = {**os.environ, "PYBUILD_ROOT": str(store.root)}
+    # As at a terminal: a test run started in the background inherits SIGINT ignored, and Python keeps that.
     process = subprocess.Popen([*PYBUILD, "build", "--progress", "plain", directory], env=environment,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _read_until(process, "started")
     started = time.monotonic()
     process.send_signal(signal.SIGINT)
