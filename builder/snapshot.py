@@ -230,6 +230,14 @@ class Snapshots:
             mark_top_directory(store)  # each snapshot is its own tree
         return store
 
+    def unpacking(self) -> Path:
+        """Where layers are unpacked before they are renamed into the store: one small dir to sweep."""
+        directory = self.root / ".unpacking"
+        if not directory.is_dir():
+            directory.mkdir(parents=True, exist_ok=True)
+            mark_top_directory(directory)
+        return directory
+
     def path(self, diff_id: str) -> Path:
         if not _DIFF_ID.fullmatch(diff_id):
             raise PybuildError(f"layer diff_id {diff_id!r} is not a sha256 digest")
@@ -244,7 +252,7 @@ class Snapshots:
         if final.is_dir():
             return final
         mode = snapshotter(self.root)
-        temp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".unpack-{os.getpid()}-"))
+        temp = Path(tempfile.mkdtemp(dir=self.unpacking(), prefix=f"unpack-{os.getpid()}-"))
         try:
             os.chmod(temp, 0o755)
             with open(blob, "rb") if isinstance(blob, Path) else contextlib.nullcontext(blob) as raw:

@@ -97,7 +97,7 @@ class Solver:
         self.tmp_root = state_root / "tmp"
         self.tmp_root.mkdir(parents=True, exist_ok=True)
         mark_top_directory(self.tmp_root)  # each step's work dir is its own tree
-        sweep_stale_scratch(self.tmp_root, self.snapshots.directory())
+        sweep_stale_scratch(self.tmp_root, self.snapshots.unpacking())
         self.context = BuildContext(options.context, dockerfile_path=options.dockerfile_path)
         self.created = epoch_timestamp(options.source_date_epoch)
         self.futures: dict[int, Future[oci.Image]] = {}
@@ -523,12 +523,12 @@ def _replicate_directories(view: Path, layer_dir: Path, path: Path) -> None:
         os.utime(current_layer, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def sweep_stale_scratch(tmp_root: Path, snapshot_store: Path) -> None:
+def sweep_stale_scratch(tmp_root: Path, unpacking: Path) -> None:
     """Remove what killed builds left half made: step dirs, blob temp files, snapshots being unpacked.
 
     Each is named ``<kind>-<pid>-<random>`` by the process that made it; those whose process is gone go.
     """
-    for pattern, directory in (("step-*-*", tmp_root), (".blob-*-*", tmp_root), (".unpack-*-*", snapshot_store)):
+    for pattern, directory in (("step-*-*", tmp_root), (".blob-*-*", tmp_root), ("unpack-*-*", unpacking)):
         for entry in directory.glob(pattern):
             pid = entry.name.split("-")[1]
             if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():

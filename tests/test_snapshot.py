@@ -456,16 +456,16 @@ def test_what_killed_builds_left_is_swept(tmp_path: Path) -> None:
 
     dead = subprocess.Popen(["true"])
     dead.wait()
-    tmp_root, store = tmp_path / "tmp", tmp_path / "snapshots" / "overlay"
-    for directory in (tmp_root, store):
+    tmp_root, unpacking = tmp_path / "tmp", tmp_path / "snapshots" / ".unpacking"
+    for directory in (tmp_root, unpacking):
         directory.mkdir(parents=True)
-    leftovers = [tmp_root / f"step-{dead.pid}-abc", store / f".unpack-{dead.pid}-abc"]
-    kept = [tmp_root / f"step-{os.getpid()}-abc", store / f".unpack-{os.getpid()}-abc", store / ("1" * 64)]
+    leftovers = [tmp_root / f"step-{dead.pid}-abc", unpacking / f"unpack-{dead.pid}-abc"]
+    kept = [tmp_root / f"step-{os.getpid()}-abc", unpacking / f"unpack-{os.getpid()}-abc"]
     for directory in leftovers + kept:
         (directory / "sub").mkdir(parents=True)
     (tmp_root / f".blob-{dead.pid}-abc.tmp").write_bytes(b"half a blob")
     (tmp_root / f".blob-{os.getpid()}-abc.tmp").write_bytes(b"a blob being written")
-    sweep_stale_scratch(tmp_root, store)
+    sweep_stale_scratch(tmp_root, unpacking)
     own = os.getpid()
     assert sorted(path.name for path in tmp_root.iterdir()) == [f".blob-{own}-abc.tmp", f"step-{own}-abc"]
-    assert sorted(path.name for path in store.iterdir()) == sorted([f".unpack-{os.getpid()}-abc", "1" * 64])
+    assert [path.name for path in unpacking.iterdir()] == [f"unpack-{own}-abc"]
