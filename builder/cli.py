@@ -193,7 +193,10 @@ def build(context: Path, file: str | None, tags: tuple[str, ...], build_args: tu
 
 
 def _start_sandbox_early(source: bytes) -> Interpreter | None:
-    """A sandbox interpreter for the first RUN, booting (~14 ms) on another core while the builder loads."""
+    """A sandbox interpreter for the first RUN, booting (~14 ms) on another core while the builder loads.
+
+    Started only where the text says RUN at all; a false guess (a comment, an ONBUILD) costs an idle process.
+    """
     if b"RUN" not in source.upper():
         return None
     from builder.namespace import enter_build_namespace
