@@ -150,20 +150,18 @@ class _TarStream:
     def __init__(self, out: BinaryIO | None, compression: Literal["zstd", "gzip"]) -> None:
         self.blob = _HashingWriter(out) if out is not None else None
         self.sha256 = hashlib.sha256()
+        if compression not in ("zstd", "gzip"):
+            raise PybuildError(f"unsupported layer compression {compression!r} (use zstd or gzip)")
+        self.media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
         self.compressor: zstandard.ZstdCompressionWriter | gzip.GzipFile | None
         if self.blob is None:
             self.compressor = None
-            self.media_type = MEDIA_LAYER_ZSTD if compression == "zstd" else MEDIA_LAYER_GZIP
         elif compression == "zstd":
             compressor = zstandard.ZstdCompressor(compression_params=zstd_parameters(threads=-1))
             self.compressor = compressor.stream_writer(self.blob, closefd=False)
-            self.media_type = MEDIA_LAYER_ZSTD
-        elif compression == "gzip":
+        else:
             self.compressor = gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL,
                                             fileobj=self.blob, mtime=0)
-            self.media_type = MEDIA_LAYER_GZIP
-        else:
-            raise PybuildError(f"unsupported layer compression {compression!r} (use zstd or gzip)")
         self.buffer = bytearray(_BUFFER)
         self.view = memoryview(self.buffer)
         self.used = 0
