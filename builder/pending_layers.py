@@ -8,7 +8,6 @@ final image (those of a stage only copied from) are never compressed at all.
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,22 +47,16 @@ class PendingLayers:
         if start:
             self._future(layer)
 
-    def add_duplicate(self, layer: Layer, snapshot: Path, upper: Path, trash: Path,
-                      lowers: Sequence[Path] | None, *, start: bool) -> None:
-        """Record a layer whose snapshot existed already (a rebuild); its own ``upper`` dir, in ``trash``, goes.
+    def write_now(self, layer: Layer, upper: Path, lowers: Sequence[Path] | None) -> None:
+        """Write the blob from a step's own upper dir, before it goes: for a layer whose snapshot exists already.
 
-        With ``start``, the blob is written from ``upper``, not from that snapshot: the snapshot may come from a
-        step over other lowers, where directories only copied up would count as changes over this step's
-        lowers. Either way ``trash`` is removed on the background thread, off the steps' path.
+        That snapshot may come from a step over other lowers, and directories only copied up there would
+        count as changes over this step's lowers: its tar could differ from this one.
         """
-        lowers = None if lowers is None else tuple(lowers)
+        future: Future[Layer] = Future()
+        future.set_result(self._write(layer.diff_id, LayerSource(upper, None if lowers is None else tuple(lowers))))
         with self._lock:
-            self._sources.setdefault(layer.diff_id, LayerSource(snapshot, lowers))
-            if start and layer.diff_id not in self._written:
-                self._written[layer.diff_id] = self._pool.submit(self._write, layer.diff_id,
-                                                                 LayerSource(upper, lowers), trash)
-                return
-            self._pool.submit(shutil.rmtree, trash, ignore_errors=True)
+            self._written.setdefault(layer.diff_id, future)
 
     def _future(self, layer: Layer) -> Future[Layer]:
         with self._lock:
@@ -80,28 +73,21 @@ class PendingLayers:
         """The layer with its blob in the store (waiting for it, or writing it now)."""
         return self._future(layer).result() if layer.pending else layer
 
-    def _write(self, diff_id: str, source: LayerSource, trash: Path | None = None) -> Layer:
+    def _write(self, diff_id: str, source: LayerSource) -> Layer:
         from builder.diff import LowerView
         from builder.layer import write_layer
 
         lower_stat = None if source.lowers is None else LowerView(source.lowers).stat
-        try:
-            with self.blobs.writer() as out:
-                layer = write_layer(source.snapshot, out.file, compression=self.compression,
-                                    source_date_epoch=self.source_date_epoch, lower_stat=lower_stat)
-                if layer is None:
-                    out.discard()
-        finally:
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
+        with self.blobs.writer() as out:
+            layer = write_layer(source.snapshot, out.file, compression=self.compression,
+                                source_date_epoch=self.source_date_epoch, lower_stat=lower_stat)
+            if layer is None:
+                out.discard()
         if layer is None or layer.diff_id != diff_id:
             raise PybuildError(f"the snapshot of layer {diff_id} changed before its blob was written",
                                hint=f"something else modified {source.snapshot}; build again")
         return layer
 
     def close(self, wait: bool = True) -> None:
-        """Stop taking work; ``wait`` False drops the queued blobs (a failed build) instead of writing them.
-
-        Dropped work may leave a duplicate dir behind: it sits in a step work dir, which a later build sweeps.
-        """
+        """Stop taking work; ``wait`` False drops the queued blobs (a failed build) instead of writing them."""
         self._pool.shutdown(wait=wait, cancel_futures=not wait)

@@ -333,16 +333,10 @@ class StepContext:
                 return replace(state, image=state.image.add_history(state.history(created_by, empty_layer=True)))
             below = None if independent else lowers
             exported = self.stage.index in solver.exported_stages
-            snapshot = solver.snapshots.path(layer.diff_id)
-            if snapshot.is_dir():
-                # A rebuild: the snapshot is there. This step's own dir goes, but on the background thread.
-                trash = solver.scratch_dir()
-                upper = trash / "upper"
-                os.rename(root.upper, upper)
-                solver.pending_layers.add_duplicate(layer, snapshot, upper, trash, below, start=exported)
-            else:
-                snapshot = solver.snapshots.adopt(layer.diff_id, root.upper)
-                solver.pending_layers.add(layer, snapshot, below, start=exported)
+            if exported and solver.snapshots.has(layer.diff_id):
+                solver.pending_layers.write_now(layer, root.upper, below)
+            snapshot = solver.snapshots.adopt(layer.diff_id, root.upper)
+            solver.pending_layers.add(layer, snapshot, below, start=exported)
             image = replace(state.image, layers=(*state.image.layers, layer))
             return replace(state, image=image.add_history(state.history(created_by, empty_layer=False)))
         finally:

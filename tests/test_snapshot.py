@@ -469,23 +469,3 @@ def test_what_killed_builds_left_is_swept(tmp_path: Path) -> None:
     own = os.getpid()
     assert sorted(path.name for path in tmp_root.iterdir()) == [f".blob-{own}-abc.tmp", f"step-{own}-abc"]
     assert [path.name for path in unpacking.iterdir()] == [f"unpack-{own}-abc"]
-
-
-@pytest.mark.parametrize("start", [True, False])
-def test_a_rebuilt_layer_is_written_from_its_own_dir_which_then_goes(kind: str, store: Store, start: bool) -> None:
-    first = store.step([], base)
-    assert first is not None
-    pending, direct, lowers = hashed_step(store, [first], change)
-    # The same step again: its snapshot exists, so its own upper dir is kept aside for the blob, then removed.
-    trash = store.scratch()
-    with mounted_root(lowers, trash) as root:
-        change(root.merged)
-    upper = root.upper
-    blobs = BlobStore(store.root / "store")
-    layers = PendingLayers(blobs, "zstd", EPOCH)
-    layers.add_duplicate(pending, store.snapshots.path(pending.diff_id), upper, trash, lowers, start=start)
-    written = layers.written(pending)
-    layers.close()
-    assert written == direct
-    assert not trash.exists()
-    assert store.snapshots.has(pending.diff_id)  # the store's own snapshot stays
