@@ -45,7 +45,8 @@ def main() -> None:
     parser.add_argument("--state", type=Path, default=Path(os.environ.get("BENCH_STATE", "/tmp/peer-bench")),
                         help="the peer benchmark's state dir (contexts, fixtures)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait after cleaning")
-    parser.add_argument("--pybuild", default=str(REPO / ".venv" / "bin" / "pybuild"))
+    parser.add_argument("--pybuild", help="the pybuild program (default: this checkout installed into the state dir "
+                        "by bench/install_pybuild.sh, as `pip install .` installs it)")
     parser.add_argument("--docker", default="/usr/bin/docker")
     args = parser.parse_args()
 
@@ -57,6 +58,9 @@ def main() -> None:
             sys.exit(f"error: {path} is missing; run bench/peer_bench.sh once with BENCH_STATE={args.state}")
     if "DOCKER_HOST" not in os.environ:
         sys.exit("error: set DOCKER_HOST to the benchmark's own docker daemon (cleaning removes all its images)")
+    if args.pybuild is None:
+        args.pybuild = subprocess.run([str(REPO / "bench" / "install_pybuild.sh"), str(args.state)], check=True,
+                                      stdout=subprocess.PIPE, text=True).stdout.strip()
     pybuild_root = args.state / "paired-pybuild-root"
     env = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
     env.update(PYBUILD_ROOT=str(pybuild_root), DOCKER_BUILDKIT="1")

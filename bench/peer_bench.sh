@@ -5,7 +5,8 @@
 #   bench/peer_bench.sh                       # buildah docker-buildkit custom(pybuild), 3 reps
 #   BENCH_REPS=5 BENCH_CASES="trivial b-srcrepo" bench/peer_bench.sh custom buildah
 #
-# Env: PEER_BENCH_DIR (default <repo>/../shared/bench), PYBUILD (default <repo>/.venv/bin/pybuild),
+# Env: PEER_BENCH_DIR (default <repo>/../shared/bench), PYBUILD (default: this checkout installed by
+#      bench/install_pybuild.sh into $BENCH_STATE/pybuild-venv, as `pip install .` installs it),
 #      PYBUILD_ROOT (default $BENCH_STATE/pybuild-root: wiped before every cold build), and everything
 #      peer-bench.sh reads (BENCH_STATE, BENCH_REPS, BENCH_CASES, BENCH_BUILD_ARGS, ...; see its --help).
 set -euo pipefail
@@ -13,10 +14,10 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PEER="${PEER_BENCH_DIR:-$(dirname "$REPO")/shared/bench}"
 [ -x "$PEER/peer-bench.sh" ] || { echo "error: no peer benchmark at $PEER (set PEER_BENCH_DIR)" >&2; exit 1; }
 export BENCH_STATE="${BENCH_STATE:-${TMPDIR:-/tmp}/peer-bench}"
-PYBUILD="${PYBUILD:-$REPO/.venv/bin/pybuild}"
-[ -x "$PYBUILD" ] || { echo "error: $PYBUILD not found (pip install -e . in a venv, or set PYBUILD)" >&2; exit 1; }
-# Run pybuild as an installed package runs: from compiled bytecode. An editable install under
-# PYTHONDONTWRITEBYTECODE=1 would otherwise recompile every module on every build (about 0.1 s each time).
+PYBUILD="${PYBUILD:-$("$REPO/bench/install_pybuild.sh" "$BENCH_STATE")}"
+[ -x "$PYBUILD" ] || { echo "error: $PYBUILD not found (set PYBUILD to a pybuild program)" >&2; exit 1; }
+# Run pybuild as an installed package runs: from compiled bytecode. For an editable install (PYBUILD set to
+# one) under PYTHONDONTWRITEBYTECODE=1, every module would otherwise be recompiled on every build.
 unset PYTHONDONTWRITEBYTECODE
 "$(dirname "$PYBUILD")/python" -m compileall -q "$REPO/builder" "$REPO/parser" "$REPO/cache" >/dev/null
 export PYBUILD_ROOT="${PYBUILD_ROOT:-$BENCH_STATE/pybuild-root}"

@@ -9,11 +9,14 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from parser.errors import DockerfileSyntaxError, PybuildError, SourceRange
 from parser.flags import FlagError, FlagValues, Mount, MountError, parse_mount, read_flags
 from parser.lines import Directive, Heredoc, ParseWarning, parse_heredoc_word
-from parser.nodes import RawDockerfile, RawNode, parse_raw
+
+if TYPE_CHECKING:
+    from parser.nodes import RawDockerfile, RawNode
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,6 +220,10 @@ class Dockerfile:
 
 def parse(source: bytes | str, filename: str = "Dockerfile") -> Dockerfile:
     """Parse and check a whole Dockerfile; any mistake raises a PybuildError with its position."""
+    # Imported here: the typed instructions load without the grammar, so a process can use parsed
+    # Dockerfiles (a build's, parsed by its parse helper) without loading the grammar library.
+    from parser.nodes import parse_raw
+
     raw = parse_raw(source, filename)
     syntax = next((d for d in raw.source.directives if d.name == "syntax"), None)
     if syntax is not None:

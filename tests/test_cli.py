@@ -274,3 +274,22 @@ def test_unknown_option_is_a_usage_error(work: Path) -> None:
     assert result.code == 2
     assert result.stdout == ""
     assert result.stderr.splitlines()[-1] == "Error: No such option '--bogus'."
+
+
+@pytest.mark.parametrize(
+    ("statement", "loads_grammar"),
+    [
+        # what `pybuild images`, `rmi`, `inspect`, `save` and `load` import: no Dockerfile, no grammar library
+        ("import builder.store", False),
+        ("import builder.exporter", False),
+        ("import builder.solver, builder.snapshot, builder.namespace", False),
+        ("import builder.build, parser.instructions", False),
+        # parsing does load it
+        ("from parser.instructions import parse; parse(b'FROM scratch\\n')", True),
+    ],
+)
+def test_grammar_library_loads_only_to_parse(statement: str, loads_grammar: bool) -> None:
+    code = f"import sys; {statement}; print('lark' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(loads_grammar)
