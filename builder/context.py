@@ -8,9 +8,11 @@ on the function that decides.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import re
+import shutil
 import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -310,6 +312,59 @@ class SourceTree:
                     return False
         return True
 
+    def view(self, rel: str, scratch: Path) -> Path:
+        """The directory ``rel`` as a bind mount must show it: without what the ignore rules drop.
+
+        That is the directory itself when they drop nothing below it. Otherwise a copy is made under
+        ``scratch``: directories recreated with their metadata, everything else hard-linked (copied
+        across filesystems), so it costs little even for a large context. BuildKit's bind mounts of the
+        context show what was sent to it, which the ignore file has already filtered.
+        """
+        directory = self.root / rel if rel else self.root
+        if self.ignore is None or not self._drops_below(directory, rel):
+            return directory
+        view = scratch / "view"
+        view.mkdir()
+        self._fill_view(directory, rel, view, _Linker())
+        _copy_directory_metadata(os.lstat(directory), view)
+        return view
+
+    def _drops_below(self, directory: Path, rel: str) -> bool:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                child = f"{rel}/{entry.name}" if rel else entry.name
+                is_dir = entry.is_dir(follow_symlinks=False)
+                # A directory is dropped itself even when it is kept for exceptions below it.
+                if not self.present(child, is_dir=False) or (is_dir and self._drops_below(Path(entry.path), child)):
+                    return True
+        return False
+
+    def _fill_view(self, directory: Path, rel: str, target: Path, linker: _Linker) -> bool:
+        """Copy what the rules keep of ``directory`` into ``target``; whether anything was kept."""
+        kept = False
+        with os.scandir(directory) as scan:
+            entries = sorted(scan, key=lambda entry: entry.name)
+        for entry in entries:
+            child = f"{rel}/{entry.name}" if rel else entry.name
+            st = entry.stat(follow_symlinks=False)
+            destination = target / entry.name
+            if stat.S_ISDIR(st.st_mode):
+                if not self.present(child, is_dir=True):
+                    continue
+                destination.mkdir()
+                # A dropped directory kept for its exceptions appears only if one of them is there.
+                if not self._fill_view(Path(entry.path), child, destination, linker) and not self.present(
+                        child, is_dir=False):
+                    destination.rmdir()
+                    continue
+                _copy_directory_metadata(st, destination)
+            elif not self.present(child, is_dir=False):
+                continue
+            else:
+                linker.place(Path(entry.path), st, destination)
+            kept = True
+        return kept
+
     def find(self, rel_pattern: str, *, verb: str, source: str, recursive: bool = False) -> list[SourceMatch]:
         """What a source names: the path itself, or every path its wildcards match (sorted).
 
@@ -368,6 +423,46 @@ class SourceTree:
                 yield rel
             elif is_dir and (depth is None or rel.count("/") + 1 < depth):
                 yield from self._walk_for(regex, base, base_rel, depth, rel)
+
+
+def _copy_directory_metadata(st: os.stat_result, directory: Path) -> None:
+    _keep_owner(directory, st)
+    os.chmod(directory, stat.S_IMODE(st.st_mode))
+    os.utime(directory, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _keep_owner(path: Path, st: os.stat_result) -> None:
+    """Owners are kept where the process may set them; a rootless build may not set every owner."""
+    try:
+        os.chown(path, st.st_uid, st.st_gid, follow_symlinks=False)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EINVAL):
+            raise
+
+
+class _Linker:
+    """Places a file of a view: a hard link, or a copy once the view turns out to be on another filesystem."""
+
+    def __init__(self) -> None:
+        self.can_link = True
+
+    def place(self, source: Path, st: os.stat_result, destination: Path) -> None:
+        if self.can_link:
+            try:
+                os.link(source, destination, follow_symlinks=False)
+                return
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                self.can_link = error.errno != errno.EXDEV
+        if stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(source), destination)
+            os.utime(destination, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+        elif stat.S_ISREG(st.st_mode):
+            shutil.copy2(source, destination)
+        else:
+            return  # a socket, pipe or device node cannot be copied: across filesystems the view leaves it out
+        _keep_owner(destination, st)
 
 
 class BuildContext(SourceTree):

@@ -455,6 +455,17 @@ class StepContext:
                                    instruction.location) from None
             if not path.exists():
                 raise PybuildError(f"RUN --mount source {mount.source!r} does not exist", instruction.location)
+            if isinstance(source, SourceTree) and source.ignore is not None:
+                # What the ignore file drops is no more part of the context for a mount than for COPY.
+                rel = source.real_rel(path)
+                if not source.present(rel, is_dir=path.is_dir()):
+                    raise PybuildError(f"RUN --mount source {mount.source!r} is excluded by "
+                                       f"{getattr(source, 'ignore_file', None) or 'the ignore rules'}",
+                                       instruction.location)
+                if path.is_dir():
+                    scratch = self.solver.scratch_dir()
+                    stack.callback(shutil.rmtree, scratch, True)
+                    path = source.view(rel, scratch)
             writable = mount.readonly is False
             if writable:
                 # `rw`: the step may write, but what it writes is thrown away with the step.

@@ -224,6 +224,30 @@ def test_rw_bind_mount_writes_are_thrown_away(store: Pybuild, tmp_path: Path) ->
     assert not (out / "data").exists()
 
 
+def test_bind_mounts_of_the_context_follow_its_ignore_file(store: Pybuild, tmp_path: Path) -> None:
+    directory = context(tmp_path, "FROM busybox-base\n"
+                        "RUN --mount=type=bind,target=/ctx,rw cd /ctx && find . | sort > /seen && touch new data/f\n",
+                        **{".dockerignore": "*.secret\n"}, keep="kept\n")
+    (directory / "data").mkdir()
+    (directory / "data" / "f").write_text("original\n")
+    (directory / "token.secret").write_text("s3cret\n")
+    out = tmp_path / "rootfs"
+    store.build(directory, "-o", f"type=local,dest={out}")
+    assert (out / "seen").read_text() == ".\n./.dockerignore\n./Dockerfile\n./data\n./data/f\n./keep\n"
+    # the view's hard links are gone with the step, and writes through the rw mount reached nothing
+    assert (directory / "data" / "f").stat().st_nlink == 1
+    assert (directory / "data" / "f").read_text() == "original\n"
+    assert not (directory / "new").exists()
+    assert not [path for path in (store.root / "tmp").iterdir() if path.name.startswith("step-")]
+
+    (directory / "Dockerfile").write_text("FROM busybox-base\n"
+                                          "RUN --mount=type=bind,source=token.secret,target=/t cat /t\n")
+    failed = store.build(directory, check=False)
+    assert failed.returncode != 0
+    assert f"RUN --mount source 'token.secret' is excluded by {directory / '.dockerignore'}" in failed.stderr
+    assert "s3cret" not in failed.stdout + failed.stderr
+
+
 def test_concurrent_builds_share_one_store(store: Pybuild, tmp_path: Path) -> None:
     environment = {**os.environ, "PYBUILD_ROOT": str(store.root)}
     processes = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,66 @@ def test_context_refuses_paths_out_but_a_root_filesystem_clamps(tmp_path: Path) 
     os.symlink("/etc", tmp_path / "etc-link")
     with pytest.raises(PybuildError, match="ADD etc-link/passwd: symlink etc-link leads outside the build context"):
         BuildContext(tmp_path).find("etc-link/passwd", verb="ADD", source="etc-link/passwd")
+
+
+# (.dockerignore, files of the context, what a view of "src" holds)
+VIEW_CASES = [
+    ("other\n", ["src/a", "src/d/b"], None),  # nothing below src is dropped: the directory itself is mounted
+    ("src/*.log\n", ["src/a", "src/x.log", "src/d/y.log"], ["a", "d", "d/y.log"]),
+    ("**/*.log\n", ["src/a", "src/d/y.log"], ["a", "d"]),
+    ("src/d\n!src/d/keep\n", ["src/a", "src/d/keep", "src/d/drop"], ["a", "d", "d/keep"]),
+    ("src/d\n!src/d/keep\n", ["src/a", "src/d/drop"], ["a"]),  # a dropped dir without its exception is gone
+]
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+@pytest.mark.parametrize(("ignore", "files", "expected"), VIEW_CASES)
+def test_view_of_a_context_directory_leaves_out_what_the_ignore_file_drops(
+        tmp_path: Path, ignore: str, files: list[str], expected: list[str] | None) -> None:
+    context = tmp_path / "context"
+    for name in files:
+        (context / name).parent.mkdir(parents=True, exist_ok=True)
+        (context / name).write_text(name)
+    (context / ".dockerignore").write_text(ignore)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    view = BuildContext(context).view("src", scratch)
+    if expected is None:
+        assert view == (context / "src").resolve()
+        assert not list(scratch.iterdir())
+        return
+    assert view.parent == scratch
+    assert _tree(view) == expected
+    kept = [name for name in expected if (view / name).is_file()]
+    # files are hard links to the context's own (same inode), so a large context costs little
+    assert all((view / name).stat().st_ino == (context / "src" / name).stat().st_ino for name in kept)
+
+
+def test_view_keeps_metadata_and_links_and_copies_across_filesystems(tmp_path: Path) -> None:
+    context = tmp_path / "context"
+    (context / "src" / "d").mkdir(parents=True)
+    (context / "src" / "run.sh").write_text("#!/bin/sh\n")
+    (context / "src" / "run.sh").chmod(0o750)
+    (context / "src" / "link").symlink_to("run.sh")
+    (context / "src" / "x.log").write_text("log")
+    (context / "src" / "d").chmod(0o700)
+    os.utime(context / "src" / "d", ns=(1_000_000_000, 1_000_000_000))
+    (context / ".dockerignore").write_text("**/*.log\n")
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own, to make the view there")
+    scratch = Path(os.path.realpath(shm)) / f"view-test-{os.getpid()}"
+    scratch.mkdir()
+    try:
+        view = BuildContext(context).view("src", scratch)
+        assert _tree(view) == ["d", "link", "run.sh"]
+        assert (view / "run.sh").read_text() == "#!/bin/sh\n"
+        assert (view / "run.sh").stat().st_mode & 0o7777 == 0o750
+        assert os.readlink(view / "link") == "run.sh"
+        assert (view / "d").stat().st_mode & 0o7777 == 0o700
+        assert (view / "d").stat().st_mtime_ns == 1_000_000_000
+    finally:
+        shutil.rmtree(scratch)

@@ -122,6 +122,15 @@ CASES = [
          "cat /mnt/data/hello.txt > /bound && (touch /mnt/data/new 2>/dev/null && echo rw || echo ro) >> /bound\n",
          {"data/hello.txt": "hello from the context\n"},
          contents={"/bound": "hello from the context\nro\n"}, absent=("/mnt/data/hello.txt", "/mnt/data/new")),
+    # Docker's .dockerignore reference: ignored files are not sent with the context, so no mount of it shows them
+    Case("run-mount-bind-context-ignore-file", B + "RUN --mount=type=bind,source=data,target=/mnt/data "
+         "cd /mnt/data && find . | sort > /listing && cat link secrets/public.pem > /through\n",
+         {"data/hello.txt": "hello\n", "data/.env": "TOKEN=x\n", "data/sub/drop.log": "log\n",
+          "data/sub/keep.txt": "keep\n", "data/secrets/public.pem": "pem\n", "data/secrets/private.key": "key\n",
+          "data/link": Symlink("hello.txt"),
+          ".dockerignore": "data/.env\n**/*.log\ndata/secrets\n!data/secrets/*.pem\n"},
+         contents={"/listing": ".\n./hello.txt\n./link\n./secrets\n./secrets/public.pem\n./sub\n./sub/keep.txt\n",
+                   "/through": "hello\npem\n"}),
     Case("run-mount-bind-stage", stage("gen") + "RUN echo generated > /gen.txt\n" + B
          + "RUN --mount=type=bind,from=gen,source=/gen.txt,target=/g.txt cat /g.txt > /from-stage\n",
          contents={"/from-stage": "generated\n"}, absent=("/gen.txt",)),
