@@ -37,6 +37,7 @@ root:x:0:
 www:x:1000:
 EOF
 RUN ["/bin/busybox", "--install", "-s", "/bin"]
+RUN --mount=type=bind,target=/ctx ls -A /ctx > /ctx-listing
 RUN mkdir -p /home/www /tmp && chown www:www /home/www && chmod 1777 /tmp && echo root > /by-root \\
     && rm /etc/group && mkdir -p /gone && rmdir /gone
 USER www
@@ -60,6 +61,9 @@ def readable_tree() -> Iterator[Path]:
         shutil.copy2(BUSYBOX, tools / "busybox")
         (top / "context").mkdir()
         (top / "context" / "Dockerfile").write_text(DOCKERFILE)
+        (top / "context" / ".dockerignore").write_text("*.secret\n")
+        (top / "context" / "token.secret").write_text("s3cret\n")
+        (top / "context" / "kept.txt").write_text("kept\n")
         subprocess.run(["chmod", "-R", "a+rX", str(top)], check=True)
         yield top
     finally:
@@ -105,6 +109,22 @@ def layers(archive: Path) -> list[list[tarfile.TarInfo]]:
         return result
 
 
+def file_text(archive: Path, name: str) -> str:
+    """A file's content in the image's last layer that holds it."""
+    with tarfile.open(archive) as outer:
+        index = json.load(outer.extractfile("index.json"))
+        manifest = json.load(outer.extractfile("blobs/sha256/" + index["manifests"][0]["digest"].split(":")[1]))
+        text = None
+        for descriptor in manifest["layers"]:
+            blob = outer.extractfile("blobs/sha256/" + descriptor["digest"].split(":")[1])
+            with tarfile.open(fileobj=zstandard.ZstdDecompressor().stream_reader(blob), mode="r|") as layer:
+                for member in layer:
+                    if member.name == name and member.isfile():
+                        text = layer.extractfile(member).read().decode()
+        assert text is not None, f"{name} is in no layer"
+        return text
+
+
 def owners(archive: Path) -> dict[str, tuple[int, int]]:
     found: dict[str, tuple[int, int]] = {}
     for members in layers(archive):
@@ -124,6 +144,8 @@ def test_rootless_build_with_subordinate_ids(readable_tree: Path, user_with_subo
     assert found["home/www/by-www"] == (1000, 1000)
     names = [member.name for members in layers(archive) for member in members]
     assert "etc/.wh.group" in names  # a deletion, as an OCI whiteout
+    # the context's bind mount leaves out what .dockerignore drops, made from files this user does not own
+    assert file_text(archive, "ctx-listing") == ".dockerignore\nDockerfile\nkept.txt\n"
     assert not any(name.startswith("gone") for name in names)
     # The same build as root gives the very same image: ids and whiteouts do not depend on who builds.
     as_root = build_as(0, 0, readable_tree)
@@ -140,9 +162,9 @@ def test_rootless_single_id_runs_root_steps_and_names_subuid_for_others(readable
     (single / "Dockerfile").chmod(0o644)
     result = build_as(65534, 65534, readable_tree, "single-id")
     assert result.returncode != 0
-    assert "#6 DONE" in result.stderr  # the root RUN steps ran
+    assert "#7 DONE" in result.stderr  # the root RUN steps ran
     assert "/etc/subuid" in result.stderr.splitlines()[-1] or "/etc/subuid" in result.stderr
-    assert "single-id/Dockerfile:15:1: RUN:" in result.stderr  # USER www's RUN, the first step needing a 2nd id
+    assert "single-id/Dockerfile:16:1: RUN:" in result.stderr  # USER www's RUN, the first step needing a 2nd id
     assert "Traceback" not in result.stderr
 
 
