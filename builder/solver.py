@@ -444,7 +444,7 @@ class StepContext:
                        instruction: Run):
         kind = mount.type or "bind"
         if kind == "bind":
-            from builder.context import PathEscape, SourceTree, resolve_in_root
+            from builder.context import BuildContext, PathEscape, SourceTree, resolve_in_root
 
             source = stack.enter_context(self.source_root(mount.from_, instruction))
             base = source.root if isinstance(source, SourceTree) else source
@@ -455,12 +455,11 @@ class StepContext:
                                    instruction.location) from None
             if not path.exists():
                 raise PybuildError(f"RUN --mount source {mount.source!r} does not exist", instruction.location)
-            if isinstance(source, SourceTree) and source.ignore is not None:
+            if isinstance(source, BuildContext) and source.ignore is not None:
                 # What the ignore file drops is no more part of the context for a mount than for COPY.
                 rel = source.real_rel(path)
                 if not source.present(rel, is_dir=path.is_dir()):
-                    raise PybuildError(f"RUN --mount source {mount.source!r} is excluded by "
-                                       f"{getattr(source, 'ignore_file', None) or 'the ignore rules'}",
+                    raise PybuildError(f"RUN --mount source {mount.source!r} is excluded by {source.ignore_file}",
                                        instruction.location)
                 if path.is_dir():
                     scratch = self.solver.scratch_dir()

@@ -220,8 +220,8 @@ class Dockerfile:
 
 def parse(source: bytes | str, filename: str = "Dockerfile") -> Dockerfile:
     """Parse and check a whole Dockerfile; any mistake raises a PybuildError with its position."""
-    # Imported here: the typed instructions load without the grammar, so a process can use parsed
-    # Dockerfiles (a build's, parsed by its parse helper) without loading the grammar library.
+    # Imported here: the typed instructions load without the grammar library, so the commands that
+    # read no Dockerfile (images, rmi, inspect, save, load) do not pay for loading it.
     from parser.nodes import parse_raw
 
     raw = parse_raw(source, filename)
