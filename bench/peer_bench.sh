@@ -14,12 +14,15 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PEER="${PEER_BENCH_DIR:-$(dirname "$REPO")/shared/bench}"
 [ -x "$PEER/peer-bench.sh" ] || { echo "error: no peer benchmark at $PEER (set PEER_BENCH_DIR)" >&2; exit 1; }
 export BENCH_STATE="${BENCH_STATE:-${TMPDIR:-/tmp}/peer-bench}"
-PYBUILD="${PYBUILD:-$("$REPO/bench/install_pybuild.sh" "$BENCH_STATE")}"
-[ -x "$PYBUILD" ] || { echo "error: $PYBUILD not found (set PYBUILD to a pybuild program)" >&2; exit 1; }
-# Run pybuild as an installed package runs: from compiled bytecode. For an editable install (PYBUILD set to
-# one) under PYTHONDONTWRITEBYTECODE=1, every module would otherwise be recompiled on every build.
 unset PYTHONDONTWRITEBYTECODE
-"$(dirname "$PYBUILD")/python" -m compileall -q "$REPO/builder" "$REPO/parser" "$REPO/cache" >/dev/null
+if [ -n "${PYBUILD:-}" ]; then
+  [ -x "$PYBUILD" ] || { echo "error: $PYBUILD not found (set PYBUILD to a pybuild program)" >&2; exit 1; }
+  # Run it as an installed package runs: from compiled bytecode. Were PYBUILD an editable install,
+  # every module would otherwise be recompiled on every build under PYTHONDONTWRITEBYTECODE=1.
+  "$(dirname "$PYBUILD")/python" -m compileall -q "$REPO/builder" "$REPO/parser" "$REPO/cache" >/dev/null
+else
+  PYBUILD="$("$REPO/bench/install_pybuild.sh" "$BENCH_STATE")"  # compiled by pip at install
+fi
 export PYBUILD_ROOT="${PYBUILD_ROOT:-$BENCH_STATE/pybuild-root}"
 case "$PYBUILD_ROOT" in "$BENCH_STATE"/*) ;; *) echo "error: PYBUILD_ROOT must be under BENCH_STATE: cold runs wipe it" >&2; exit 1;; esac
 
