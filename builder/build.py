@@ -10,6 +10,7 @@ from pathlib import Path
 from builder.graph import build_graph, host_platform
 from builder.image import config_json, sha256_digest
 from builder.progress import make_progress
+from builder.prune import shared_lease
 from builder.sandbox import Interpreter
 from builder.solver import BuildOptions, SecretSource, Solver
 from builder.store import atomic_file
@@ -62,46 +63,47 @@ def run_build(request: BuildRequest, state_root: Path | None = None, interpreter
     enter_build_namespace()
     root = state_root or default_root()
     progress = make_progress(request.progress)
-    try:
-        if graph.unused_build_args:
-            progress.message(f"[warning] build args were not consumed: {', '.join(graph.unused_build_args)}")
-        options = BuildOptions(
-            context=request.context, build_args=request.build_args, target=request.target,
-            compression=request.compression, secrets=request.secrets, network=request.network,
-            named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
-            dockerfile_path=request.dockerfile_path,
-        )
-        solver = Solver(graph, options, progress, root, interpreter)
-        image = solver.solve()
-        names = tuple(request.tags)
-        for output in request.outputs:
-            if output.get("type") == "image" and output.get("name"):
-                names += tuple(output["name"].split(","))
-        manifest = solver.store.write_image(image, names)
-        image_id = sha256_digest(config_json(image))  # docker's image ID: the config blob write_image stored
-        for output in request.outputs:
-            from builder.exporter import with_gzip_layers, write_oci_archive, write_rootfs
+    with shared_lease(root):  # nothing this build unpacks or writes can be freed while it runs
+        try:
+            if graph.unused_build_args:
+                progress.message(f"[warning] build args were not consumed: {', '.join(graph.unused_build_args)}")
+            options = BuildOptions(
+                context=request.context, build_args=request.build_args, target=request.target,
+                compression=request.compression, secrets=request.secrets, network=request.network,
+                named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
+                dockerfile_path=request.dockerfile_path,
+            )
+            solver = Solver(graph, options, progress, root, interpreter)
+            image = solver.solve()
+            names = tuple(request.tags)
+            for output in request.outputs:
+                if output.get("type") == "image" and output.get("name"):
+                    names += tuple(output["name"].split(","))
+            manifest = solver.store.write_image(image, names)
+            image_id = sha256_digest(config_json(image))  # docker's image ID: the config blob write_image stored
+            for output in request.outputs:
+                from builder.exporter import with_gzip_layers, write_oci_archive, write_rootfs
 
-            kind = output["type"]
-            if kind == "oci":
-                write_oci_archive(solver.store, [(manifest, names)], Path(output["dest"]))
-            elif kind == "docker":
-                gzipped = solver.store.write_image(with_gzip_layers(solver.store, image), ())
-                write_oci_archive(solver.store, [(gzipped, names)], Path(output["dest"]))
-            elif kind == "local":
-                write_rootfs(solver.store, image, Path(output["dest"]))
-        if request.iidfile:
-            _write_text(request.iidfile, image_id)
-        if request.metadata_file:
-            metadata = {"containerimage.config.digest": image_id, "containerimage.digest": manifest.digest,
-                        "containerimage.descriptor": manifest.to_json()}
-            if names:
-                metadata["image.name"] = ",".join(names)
-            _write_text(request.metadata_file, json.dumps(metadata, indent=2))
-        progress.result(image_id, manifest.digest, names)
-        return BuildResult(image_id, manifest.digest, names)
-    finally:
-        progress.close()
+                kind = output["type"]
+                if kind == "oci":
+                    write_oci_archive(solver.store, [(manifest, names)], Path(output["dest"]))
+                elif kind == "docker":
+                    gzipped = solver.store.write_image(with_gzip_layers(solver.store, image), ())
+                    write_oci_archive(solver.store, [(gzipped, names)], Path(output["dest"]))
+                elif kind == "local":
+                    write_rootfs(solver.store, image, Path(output["dest"]))
+            if request.iidfile:
+                _write_text(request.iidfile, image_id)
+            if request.metadata_file:
+                metadata = {"containerimage.config.digest": image_id, "containerimage.digest": manifest.digest,
+                            "containerimage.descriptor": manifest.to_json()}
+                if names:
+                    metadata["image.name"] = ",".join(names)
+                _write_text(request.metadata_file, json.dumps(metadata, indent=2))
+            progress.result(image_id, manifest.digest, names)
+            return BuildResult(image_id, manifest.digest, names)
+        finally:
+            progress.close()
 
 
 def _write_text(path: Path, text: str) -> None:

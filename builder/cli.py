@@ -241,13 +241,46 @@ def _size(size: int) -> str:
 @cli.command()
 @click.argument("names", nargs=-1, required=True)
 def rmi(names: tuple[str, ...]) -> None:
-    """Remove images (their names) from the local store."""
+    """Remove images from the local store, and free the layers no other image uses."""
+    from builder.namespace import enter_build_namespace
+    from builder.prune import exclusive_lease, free_unused
     from builder.store import ImageStore, default_root
 
-    store = ImageStore(default_root())
+    root = default_root()
+    store = ImageStore(root)
     for name in names:
-        store.remove(name)
-        click.echo(f"Untagged: {name}")
+        image_id = store.resolve(name).image_id
+        for removed in store.remove(name):
+            click.echo(f"Untagged: {removed}")
+        if all(stored.image_id != image_id for stored in store.list()):
+            click.echo(f"Deleted: {image_id}")
+    enter_build_namespace()  # a rootless store's layers hold files of the namespace's users
+    with exclusive_lease(root, wait=False) as held:
+        if held:
+            free_unused(root)
+    if not held:
+        click.echo("The layers stay while a build runs on this store: `pybuild prune` frees them after it.", err=True)
+
+
+@cli.command()
+def prune() -> None:
+    """Remove unnamed images, then free the blobs and unpacked layers no image uses (after running builds end)."""
+    from builder.namespace import enter_build_namespace
+    from builder.prune import exclusive_lease, free_unused
+    from builder.store import default_root
+
+    root = default_root()
+    enter_build_namespace()
+    with exclusive_lease(root, wait=False) as held:
+        freed = free_unused(root, unnamed_images=True) if held else None
+    if freed is None:
+        click.echo("Waiting for the builds running on this store to end...", err=True)
+        with exclusive_lease(root, wait=True):
+            freed = free_unused(root, unnamed_images=True)
+    for image_id in freed.images:
+        click.echo(f"Deleted: {image_id}")
+    click.echo(f"Deleted {freed.blobs} blobs and {freed.snapshots} unpacked layers")
+    click.echo(f"Total reclaimed space: {_size(freed.bytes)}")
 
 
 @cli.command()
@@ -257,11 +290,14 @@ def rmi(names: tuple[str, ...]) -> None:
 def save(names: tuple[str, ...], output: Path) -> None:
     """Save images to an OCI archive (with a docker manifest.json) that podman, skopeo and docker load."""
     from builder.exporter import write_oci_archive
+    from builder.prune import shared_lease
     from builder.store import ImageStore, default_root
 
-    store = ImageStore(default_root())
-    images = [(store.resolve(name).manifest, (name,)) for name in names]
-    write_oci_archive(store, images, output)
+    root = default_root()
+    store = ImageStore(root)
+    with shared_lease(root):
+        images = [(store.resolve(name).manifest, (name,)) for name in names]
+        write_oci_archive(store, images, output)
 
 
 @cli.command()
@@ -273,6 +309,7 @@ def load(archive: Path) -> None:
     Their layers are unpacked now, as docker load and podman load do, so the first build on them starts at once.
     """
     from builder.namespace import enter_build_namespace
+    from builder.prune import shared_lease
     from builder.snapshot import Snapshots
     from builder.solver import unpack_layers
     from builder.store import ImageStore, default_root
@@ -282,9 +319,10 @@ def load(archive: Path) -> None:
     enter_build_namespace()  # unpacking makes overlay whiteouts, which a rootless user may only make in it
     root = default_root()
     store = ImageStore(root)
-    for name in store.load_archive(archive):
-        unpack_layers(Snapshots(root / "snapshots"), store.blobs, store.resolve(name).image)
-        click.echo(f"Loaded image: {name}")
+    with shared_lease(root):
+        for name in store.load_archive(archive):
+            unpack_layers(Snapshots(root / "snapshots"), store.blobs, store.resolve(name).image)
+            click.echo(f"Loaded image: {name}")
 
 
 @cli.command()

@@ -17,7 +17,7 @@ import re
 import shutil
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
@@ -31,6 +31,8 @@ SNAPSHOTTER_ENV = "PYBUILD_SNAPSHOTTER"
 # A mount's option string must fit in one page; the kernel stops at 500 layers anyway.
 _PAGE = 4096
 _DIFF_ID = re.compile(r"sha256:[0-9a-f]{64}")
+# Where each kind of snapshotter keeps its snapshots (Snapshotter.store_name): one store may hold several.
+_STORE_NAMES = ("overlay", "overlay-userxattr", "copy")
 _CHUNK = 1 << 20
 _PROBE_MEMO = ".overlay-mounts"
 
@@ -282,6 +284,25 @@ class Snapshots:
                                    "filesystems") from None
             raise
 
+    def remove_unused(self, used: Collection[str]) -> tuple[int, int]:
+        """Remove every snapshot, of any snapshotter, whose diff_id is not in ``used``; returns (count, bytes).
+
+        Each is first renamed out of the store, so a crash halfway never leaves a partial tree under a layer's
+        name for a later build to mount; the next build's sweep removes what such a crash left.
+        """
+        removed = freed = 0
+        stores = [self.root / name for name in _STORE_NAMES if (self.root / name).is_dir()]
+        for store in stores:
+            for snapshot in sorted(store.iterdir()):
+                if not _DIFF_ID.fullmatch("sha256:" + snapshot.name) or "sha256:" + snapshot.name in used:
+                    continue
+                size = _tree_size(snapshot)
+                doomed = self.unpacking() / f"remove-{os.getpid()}-{snapshot.name}"
+                os.rename(snapshot, doomed)
+                shutil.rmtree(doomed)
+                removed, freed = removed + 1, freed + size
+        return removed, freed
+
     @staticmethod
     def _commit(source: Path, final: Path) -> Path:
         try:
@@ -291,3 +312,16 @@ class Snapshots:
                 raise
             shutil.rmtree(source)  # the same layer, committed by someone else meanwhile
         return final
+
+
+def _tree_size(top: Path) -> int:
+    """Bytes a tree takes on disk (allocated blocks; hard links counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for directory, subdirs, files in os.walk(top):
+        for name in (".", *files, *subdirs):  # a symlink to a dir is listed with the dirs
+            stat = os.lstat(os.path.join(directory, name))
+            if (stat.st_dev, stat.st_ino) not in seen:
+                seen.add((stat.st_dev, stat.st_ino))
+                total += stat.st_blocks * 512
+    return total

@@ -534,11 +534,12 @@ def _replicate_directories(view: Path, layer_dir: Path, path: Path) -> None:
 
 
 def sweep_stale_scratch(tmp_root: Path, unpacking: Path) -> None:
-    """Remove what killed builds left half made: step dirs, blob temp files, snapshots being unpacked.
+    """Remove what killed builds left half made: step dirs, blob temp files, snapshots being unpacked or removed.
 
     Each is named ``<kind>-<pid>-<random>`` by the process that made it; those whose process is gone go.
     """
-    for pattern, directory in (("step-*-*", tmp_root), (".blob-*-*", tmp_root), ("unpack-*-*", unpacking)):
+    for pattern, directory in (("step-*-*", tmp_root), (".blob-*-*", tmp_root), ("unpack-*-*", unpacking),
+                               ("remove-*-*", unpacking)):
         for entry in directory.glob(pattern):
             pid = entry.name.split("-")[1]
             if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():

@@ -387,14 +387,15 @@ class ImageStore:
         self._update_index(change)
         return tuple(removed)
 
-    def gc(self, keep: Collection[str] = ()) -> tuple[int, int]:
+    def gc(self, keep: Collection[str] = (), grace_seconds: float = GC_GRACE_SECONDS) -> tuple[int, int]:
         """Delete blobs that neither index.json nor ``keep`` (e.g. the build cache's layers) reaches.
 
-        Blobs written or re-written in the last GC_GRACE_SECONDS are spared, because a build running
-        now stores its layers before write_image() names them. Returns (blobs removed, bytes freed).
+        Blobs written or re-written in the last ``grace_seconds`` are spared, because a build running
+        now stores its layers before write_image() names them; a caller that holds the store's lease
+        exclusively (no build runs) passes 0. Returns (blobs removed, bytes freed).
         """
         removed = freed = 0
-        cutoff = time.time() - GC_GRACE_SECONDS
+        cutoff = time.time() - grace_seconds
         with self._locked():
             reachable = set(keep)
             for entry in self.entries():

@@ -74,6 +74,13 @@ def build_as(uid: int, gid: int, tree: Path, context: str = "context") -> subpro
     work = tree / f"work-{uid}"
     work.mkdir()
     os.chown(work, uid, gid)
+    return pybuild_as(uid, gid, tree, "build", "--progress=plain", "--build-context", f"tools={tree / 'tools'}",
+                      "-o", f"type=oci,dest={work / 'image.tar'}", str(tree / context))
+
+
+def pybuild_as(uid: int, gid: int, tree: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """pybuild run by ``uid`` with its own store in the tree's ``work-<uid>``."""
+    work = tree / f"work-{uid}"
     if uid:
         skip_if_chrooted("a rootless build")
     switch = ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"] if uid else []
@@ -89,8 +96,7 @@ def build_as(uid: int, gid: int, tree: Path, context: str = "context") -> subpro
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": str(work), "PYBUILD_ROOT": str(work / "store")}
     env.update({key: value for key, value in os.environ.items() if key == "PYBUILD_SNAPSHOTTER"})
     return subprocess.run(
-        [*switch, python, "-I", "-c", script, str(tree), "build", "--progress=plain", "--build-context",
-         f"tools={tree / 'tools'}", "-o", f"type=oci,dest={work / 'image.tar'}", str(tree / context)],
+        [*switch, python, "-I", "-c", script, str(tree), *args],
         capture_output=True, text=True, cwd=work, env=env, timeout=300)
 
 
@@ -147,6 +153,17 @@ def test_rootless_build_with_subordinate_ids(readable_tree: Path, user_with_subo
     # the context's bind mount leaves out what .dockerignore drops, made from files this user does not own
     assert file_text(archive, "ctx-listing") == ".dockerignore\nDockerfile\nkept.txt\n"
     assert not any(name.startswith("gone") for name in names)
+    # Its unpacked layers hold files of the namespace's users and whiteout devices; the same user frees them.
+    snapshots = readable_tree / f"work-{uid}" / "store" / "snapshots" / "overlay-userxattr"
+    assert len(list(snapshots.iterdir())) == len(layers(archive))
+    pruned = pybuild_as(uid, gid, readable_tree, "prune")
+    assert pruned.returncode == 0, pruned.stderr
+    assert list(snapshots.iterdir()) == []
+    # the build named no image, so prune removed it first, as `docker image prune` removes dangling images
+    count = len(layers(archive))
+    assert pruned.stdout.splitlines()[0].startswith("Deleted: sha256:")
+    # each layer, the config and the manifest
+    assert pruned.stdout.splitlines()[1] == f"Deleted {count + 2} blobs and {count} unpacked layers"
     # The same build as root gives the very same image: ids and whiteouts do not depend on who builds.
     as_root = build_as(0, 0, readable_tree)
     assert as_root.returncode == 0, as_root.stderr
