@@ -10,8 +10,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import queue
 import stat
 import tarfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +37,7 @@ ZSTD_LEVEL = 3
 ZSTD_JOB_SIZE = 4 << 20
 GZIP_LEVEL = 6
 _BUFFER = 1 << 20
+_BUFFERS = 4  # in flight between the tar and the hashing thread
 _BLOCK = tarfile.BLOCKSIZE
 
 LowerStat = Callable[[str], "os.stat_result | None"]
@@ -145,7 +148,12 @@ class _HashingWriter:
 
 
 class _TarStream:
-    """Tar bytes -> sha256 (diff_id) -> compressor, through one reusable buffer; ``out`` None: only hashed."""
+    """Tar bytes -> sha256 (diff_id) -> compressor, through a few reusable buffers; ``out`` None: only hashed.
+
+    The caller's thread makes the tar (headers, file reads); a thread of the stream's own hashes each filled
+    buffer and feeds it to the compressor, whose output is hashed on its way to ``out``. The two hashes cost
+    as much CPU as the tar itself, so on two cores this pipeline, not the compression, sets the pace.
+    """
 
     def __init__(self, out: BinaryIO | None, compression: Literal["zstd", "gzip"]) -> None:
         self.blob = _HashingWriter(out) if out is not None else None
@@ -162,28 +170,49 @@ class _TarStream:
         else:
             self.compressor = gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL,
                                             fileobj=self.blob, mtime=0)
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(_BUFFERS - 1):
+            self.free.put(bytearray(_BUFFER))
+        self.filled: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        self.error: BaseException | None = None
         self.buffer = bytearray(_BUFFER)
         self.view = memoryview(self.buffer)
         self.used = 0
+        self.worker = threading.Thread(target=self._consume, name="layer-hash", daemon=True)
+        self.worker.start()
+
+    def _consume(self) -> None:
+        """Hash and compress the filled buffers in order; after an error only hand them back."""
+        while (item := self.filled.get()) is not None:
+            buffer, used = item
+            if self.error is None:
+                try:
+                    chunk = memoryview(buffer)[:used]
+                    self.sha256.update(chunk)
+                    if self.compressor is not None:
+                        self.compressor.write(chunk)
+                except BaseException as error:  # raised again in the caller's thread
+                    self.error = error
+            self.free.put(buffer)
 
     def flush(self) -> None:
         if self.used:
-            chunk = self.view[: self.used]
-            self.sha256.update(chunk)
-            if self.compressor is not None:
-                self.compressor.write(chunk)
+            self.filled.put((self.buffer, self.used))
+            self.buffer = self.free.get()
+            self.view = memoryview(self.buffer)
             self.used = 0
+        if self.error is not None:
+            raise self.error
 
     def write(self, data: bytes) -> None:
-        if self.used + len(data) > _BUFFER:
-            self.flush()
-        if len(data) >= _BUFFER:
-            self.sha256.update(data)
-            if self.compressor is not None:
-                self.compressor.write(data)
-            return
-        self.view[self.used: self.used + len(data)] = data
-        self.used += len(data)
+        offset = 0
+        while offset < len(data):
+            if self.used == _BUFFER:
+                self.flush()
+            count = min(_BUFFER - self.used, len(data) - offset)
+            self.view[self.used: self.used + count] = data[offset: offset + count]
+            self.used += count
+            offset += count
 
     def write_file(self, path: str, size: int) -> None:
         """Copy exactly ``size`` bytes of a file and the padding to a whole tar block."""
@@ -203,9 +232,18 @@ class _TarStream:
         if size % _BLOCK:
             self.write(bytes(_BLOCK - size % _BLOCK))
 
+    def stop(self) -> None:
+        """Let the stream's thread end (after what it was given); safe to call more than once."""
+        if self.worker.is_alive():
+            self.filled.put(None)
+            self.worker.join()
+
     def finish(self) -> Layer:
         self.write(bytes(2 * _BLOCK))
         self.flush()
+        self.stop()
+        if self.error is not None:
+            raise self.error
         diff_id = "sha256:" + self.sha256.hexdigest()
         if self.compressor is None or self.blob is None:
             return Layer(diff_id=diff_id, digest="", size=0, media_type=self.media_type)
@@ -302,11 +340,14 @@ def write_layer(upper: Path, out: BinaryIO | None, *, compression: Literal["zstd
     if not entries:
         return None
     stream = _TarStream(out, compression)
-    links: dict[tuple[int, int], str] = {}
-    for entry in entries:
-        info = _header(entry, source_date_epoch, links)
-        stream.write(_ustar_header(info) or info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
-        if info.type == tarfile.REGTYPE and info.size:
-            assert entry.path is not None
-            stream.write_file(entry.path, info.size)
-    return stream.finish()
+    try:
+        links: dict[tuple[int, int], str] = {}
+        for entry in entries:
+            info = _header(entry, source_date_epoch, links)
+            stream.write(_ustar_header(info) or info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+            if info.type == tarfile.REGTYPE and info.size:
+                assert entry.path is not None
+                stream.write_file(entry.path, info.size)
+        return stream.finish()
+    finally:
+        stream.stop()

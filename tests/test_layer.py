@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,43 @@ def test_fast_headers_equal_tarfiles(info: tarfile.TarInfo, fast: bool) -> None:
         assert header == info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     else:
         assert header is None
+
+
+class _FullDisk(io.RawIOBase):
+    """A blob file on a disk that fills up after ``room`` bytes."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # noqa: ANN001
+        self.room -= len(data)
+        if self.room < 0:
+            raise OSError(28, "No space left on device")
+        return len(data)
+
+
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_a_failing_blob_write_is_raised_and_the_hashing_thread_ends(tmp_path: Path, compression: str) -> None:
+    """The blob is written from the stream's own thread; its error reaches the caller, and the thread is gone."""
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    for index in range(12):
+        (upper / f"random-{index}").write_bytes(os.urandom(1 << 20))  # incompressible: the disk fills mid-way
+    with pytest.raises(OSError, match="No space left on device"):
+        write_layer(upper, _FullDisk(3 << 20), compression=compression, source_date_epoch=0)
+    assert [thread for thread in threading.enumerate() if thread.name == "layer-hash"] == []
+
+
+def test_a_file_that_shrinks_stops_the_hashing_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    upper = tmp_path / "upper"
+    upper.mkdir()
+    (upper / "big").write_bytes(b"x" * (3 << 20))
+    real_readv = os.readv
+    monkeypatch.setattr(os, "readv", lambda fd, buffers: 0)  # as if the file were cut while being read
+    with pytest.raises(PybuildError, match="shrank while its layer was being written"):
+        write_layer(upper, io.BytesIO(), compression="zstd", source_date_epoch=0)
+    monkeypatch.setattr(os, "readv", real_readv)
+    assert [thread for thread in threading.enumerate() if thread.name == "layer-hash"] == []
