@@ -47,7 +47,8 @@ def test_unused_snapshots_of_every_snapshotter_go_and_nothing_else(tmp_path: Pat
     used_hex = used.removeprefix("sha256:")
     assert remaining == [".overlay-mounts", ".unpacking", "copy", "overlay", f"overlay/{used_hex}",
                          f"overlay/{used_hex}/etc", f"overlay/{used_hex}/etc/data", "overlay/not-a-layer"]
-    assert unused_overlay not in remaining and unused_copy not in remaining
+    assert not snapshots.has(unused_overlay)
+    assert not (tmp_path / "snapshots" / "copy" / unused_copy.removeprefix("sha256:")).exists()
 
 
 def test_a_removal_cut_short_leaves_no_partial_layer_under_its_name(tmp_path: Path,
