@@ -37,7 +37,7 @@ ZSTD_LEVEL = 3
 ZSTD_JOB_SIZE = 4 << 20
 GZIP_LEVEL = 6
 _BUFFER = 1 << 20
-_BUFFERS = 4  # in flight between the tar and the hashing thread
+_BUFFERS = 4  # in flight between the tar and the threads that hash and compress it
 _BLOCK = tarfile.BLOCKSIZE
 
 LowerStat = Callable[[str], "os.stat_result | None"]
@@ -148,11 +148,12 @@ class _HashingWriter:
 
 
 class _TarStream:
-    """Tar bytes -> sha256 (diff_id) -> compressor, through a few reusable buffers; ``out`` None: only hashed.
+    """Tar bytes -> sha256 (diff_id) and compressor, through a few reusable buffers; ``out`` None: only hashed.
 
-    The caller's thread makes the tar (headers, file reads); a thread of the stream's own hashes each filled
-    buffer and feeds it to the compressor, whose output is hashed on its way to ``out``. The two hashes cost
-    as much CPU as the tar itself, so on two cores this pipeline, not the compression, sets the pace.
+    The caller's thread makes the tar (headers, file reads). One thread of the stream's own hashes each
+    filled buffer; another feeds it to the compressor, whose output is hashed on its way to ``out``. A
+    buffer is reused once both have released it. The two hashes cost as much CPU as the tar itself, so
+    on two cores they must not wait for each other behind the compressor.
     """
 
     def __init__(self, out: BinaryIO | None, compression: Literal["zstd", "gzip"]) -> None:
@@ -170,35 +171,48 @@ class _TarStream:
         else:
             self.compressor = gzip.GzipFile(filename="", mode="wb", compresslevel=GZIP_LEVEL,
                                             fileobj=self.blob, mtime=0)
-        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(_BUFFERS - 1):
-            self.free.put(bytearray(_BUFFER))
-        self.filled: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+        self.spare = [bytearray(_BUFFER) for _ in range(_BUFFERS - 1)]
         self.error: BaseException | None = None
         self.buffer = bytearray(_BUFFER)
         self.view = memoryview(self.buffer)
         self.used = 0
-        self.worker = threading.Thread(target=self._consume, name="layer-hash", daemon=True)
-        self.worker.start()
+        consumers = [("layer-hash", self.sha256.update)]
+        if self.compressor is not None:
+            consumers.append(("layer-compress", self.compressor.write))
+        self.lanes: list[tuple[queue.SimpleQueue[tuple[bytearray, int] | None], queue.SimpleQueue[bytearray]]] = []
+        self.workers = []
+        for name, consume in consumers:
+            filled: queue.SimpleQueue[tuple[bytearray, int] | None] = queue.SimpleQueue()
+            released: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+            self.lanes.append((filled, released))
+            worker = threading.Thread(target=self._consume, args=(consume, filled, released), name=name, daemon=True)
+            self.workers.append(worker)
+            worker.start()
 
-    def _consume(self) -> None:
-        """Hash and compress the filled buffers in order; after an error only hand them back."""
-        while (item := self.filled.get()) is not None:
+    def _consume(self, consume: Callable[[memoryview], object], filled: queue.SimpleQueue[tuple[bytearray, int] | None],
+                 released: queue.SimpleQueue[bytearray]) -> None:
+        """Pass the filled buffers in order to ``consume``; after an error only release them."""
+        while (item := filled.get()) is not None:
             buffer, used = item
             if self.error is None:
                 try:
-                    chunk = memoryview(buffer)[:used]
-                    self.sha256.update(chunk)
-                    if self.compressor is not None:
-                        self.compressor.write(chunk)
+                    consume(memoryview(buffer)[:used])
                 except BaseException as error:  # raised again in the caller's thread
                     self.error = error
-            self.free.put(buffer)
+            released.put(buffer)
+
+    def _next_buffer(self) -> bytearray:
+        """A buffer no thread reads any more: a spare one, or the oldest once every lane has released it."""
+        if self.spare:
+            return self.spare.pop()
+        buffers = [released.get() for _, released in self.lanes]  # the lanes release in the same order
+        return buffers[0]
 
     def flush(self) -> None:
         if self.used:
-            self.filled.put((self.buffer, self.used))
-            self.buffer = self.free.get()
+            for filled, _ in self.lanes:
+                filled.put((self.buffer, self.used))
+            self.buffer = self._next_buffer()
             self.view = memoryview(self.buffer)
             self.used = 0
         if self.error is not None:
@@ -234,9 +248,10 @@ class _TarStream:
 
     def stop(self) -> None:
         """Let the stream's thread end (after what it was given); safe to call more than once."""
-        if self.worker.is_alive():
-            self.filled.put(None)
-            self.worker.join()
+        for (filled, _), worker in zip(self.lanes, self.workers, strict=True):
+            if worker.is_alive():
+                filled.put(None)
+                worker.join()
 
     def finish(self) -> Layer:
         self.write(bytes(2 * _BLOCK))

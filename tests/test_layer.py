@@ -287,19 +287,23 @@ class _FullDisk(io.RawIOBase):
         return len(data)
 
 
+def _stream_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name in ("layer-hash", "layer-compress")]
+
+
 @pytest.mark.parametrize("compression", ["zstd", "gzip"])
-def test_a_failing_blob_write_is_raised_and_the_hashing_thread_ends(tmp_path: Path, compression: str) -> None:
-    """The blob is written from the stream's own thread; its error reaches the caller, and the thread is gone."""
+def test_a_failing_blob_write_is_raised_and_the_stream_threads_end(tmp_path: Path, compression: str) -> None:
+    """The blob is written from a thread of the stream's own; its error reaches the caller, and both threads end."""
     upper = tmp_path / "upper"
     upper.mkdir()
     for index in range(12):
         (upper / f"random-{index}").write_bytes(os.urandom(1 << 20))  # incompressible: the disk fills mid-way
     with pytest.raises(OSError, match="No space left on device"):
         write_layer(upper, _FullDisk(3 << 20), compression=compression, source_date_epoch=0)
-    assert [thread for thread in threading.enumerate() if thread.name == "layer-hash"] == []
+    assert _stream_threads() == []
 
 
-def test_a_file_that_shrinks_stops_the_hashing_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_file_that_shrinks_stops_the_stream_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     upper = tmp_path / "upper"
     upper.mkdir()
     (upper / "big").write_bytes(b"x" * (3 << 20))
@@ -308,4 +312,4 @@ def test_a_file_that_shrinks_stops_the_hashing_thread(tmp_path: Path, monkeypatc
     with pytest.raises(PybuildError, match="shrank while its layer was being written"):
         write_layer(upper, io.BytesIO(), compression="zstd", source_date_epoch=0)
     monkeypatch.setattr(os, "readv", real_readv)
-    assert [thread for thread in threading.enumerate() if thread.name == "layer-hash"] == []
+    assert _stream_threads() == []
