@@ -16,6 +16,7 @@ from typing import Literal
 from parser.errors import PybuildError
 
 MAX_SYMLINKS = 40
+HEREDOC_SCRIPT_DIR = "/dev/pipes"  # where BuildKit shows a RUN heredoc that starts with #!
 # The interpreter is started isolated and without site for speed; the package is found by its own location.
 _BOOT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
          "from builder.sandbox_init import main; main()")
@@ -70,6 +71,7 @@ class SandboxSpec:
     mounts: tuple[BindMount | TmpfsMount | SecretMount, ...] = ()
     resolv_conf: bytes | None = None
     hosts: bytes | None = None
+    scripts: tuple[tuple[str, bytes], ...] = ()  # (name, content): executable, read-only in HEREDOC_SCRIPT_DIR
 
 
 class SandboxError(PybuildError):
@@ -233,6 +235,7 @@ def _plan(spec: SandboxSpec, rootfs: Path, created: list[Path]) -> dict:
         "argv": list(spec.argv), "env": list(spec.env),
         "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid, "groups": list(spec.groups),
         "hostname": spec.hostname, "network": spec.network,
+        "scripts": [(name, content) for name, content in spec.scripts], "script_dir": HEREDOC_SCRIPT_DIR,
     }
 
 

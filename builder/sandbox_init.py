@@ -126,6 +126,8 @@ def _build_root(plan: dict) -> None:
     linux.mount(rootfs, rootfs, None, linux.MS_BIND | linux.MS_REC)  # pivot_root needs a mount point
     _mount_proc(plan["proc"])
     _mount_dev(plan["dev"])
+    if plan["scripts"]:
+        _add_scripts(plan["dev"] + plan["script_dir"].removeprefix("/dev"), plan["scripts"])
     # Files made for the step (/etc/hosts, secrets) live in a tmpfs of this namespace only: nothing is left on
     # the host even if the builder is killed. Detaching it afterwards hides it; the files bound from it stay.
     staging = f"{plan['dev']}/.staging"
@@ -192,6 +194,23 @@ def _mount_dev(dev: str) -> None:
                    "mode=1777,size=65536k")
     for name, target in DEV_LINKS:
         os.symlink(target, f"{dev}/{name}")
+
+
+def _add_scripts(directory: str, scripts: list[tuple[str, bytes]]) -> None:
+    """Executable files in a read-only directory of the sandbox's /dev, which is no part of any layer."""
+    try:
+        os.mkdir(directory, 0o755)
+        for name, content in scripts:
+            fd = os.open(f"{directory}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755)
+            try:
+                os.write(fd, content)
+                os.fchmod(fd, 0o755)  # whatever the umask
+            finally:
+                os.close(fd)
+        linux.mount(directory, directory, None, linux.MS_BIND)
+        _remount_readonly(directory)
+    except OSError as error:
+        raise SetupError(f"cannot make the heredoc script in the sandbox: {error.strerror}") from None
 
 
 def _mount(mount: dict, staged: str) -> None:

@@ -402,7 +402,8 @@ class StepContext:
                                direct=True)
 
     def run(self, state: StageState, instruction: Run, argv: tuple[str, ...], created_by: str,
-            mounts: tuple[Mount, ...], network: str | None) -> StageState:
+            mounts: tuple[Mount, ...], network: str | None,
+            scripts: tuple[tuple[str, bytes], ...] = ()) -> StageState:
         from builder.users import resolve_user
 
         network = network or self.solver.options.network
@@ -425,7 +426,7 @@ class StepContext:
                 spec = sandbox.SandboxSpec(
                     rootfs=root, argv=argv, env=tuple(env.items()), cwd=cwd, uid=ids.uid, gid=ids.gid,
                     groups=ids.groups, network="none" if network == "none" else "host",
-                    mounts=tuple(item for item in sandbox_mounts if item is not None),
+                    mounts=tuple(item for item in sandbox_mounts if item is not None), scripts=scripts,
                 )
                 try:
                     code = sandbox.run(spec, lambda data: progress.output(step, data),

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import posixpath
 import re
-import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from builder import image as oci
 from builder.graph import PREDEFINED_ARGS
+from builder.sandbox import HEREDOC_SCRIPT_DIR
 from parser.errors import PybuildError
 from parser.expand import expand
 from parser.instructions import (
@@ -232,38 +232,42 @@ def do_run(ctx: StepContext, state: StageState, instruction: Run) -> StageState:
     if expanded.devices:
         raise PybuildError("RUN --device is not supported by pybuild", instruction.location)
     command = expanded.command
+    scripts: tuple[tuple[str, bytes], ...] = ()
     if expanded.heredocs:
-        argv = _heredoc_argv(state, command, expanded.heredocs, instruction)
+        argv, scripts = _heredoc_argv(state, command, expanded.heredocs, instruction)
     else:
         argv = shell_command(state, command)
     args = [(name, value) for name, value in state.args if name not in PREDEFINED_ARGS]
     prefix = f"|{len(args)} " + " ".join(f"{name}={value}" for name, value in args) + " " if args else ""
     shown = " ".join(argv) if not expanded.heredocs else " ".join(shell_command(state, instruction.command))
     created_by = f"RUN {prefix}{shown}"
-    return ctx.run(state, instruction, argv, created_by, expanded.mounts, expanded.network)
+    return ctx.run(state, instruction, argv, created_by, expanded.mounts, expanded.network, scripts)
 
 
 def _heredoc_argv(state: StageState, command: Command, heredocs: tuple[Heredoc, ...],
-                  instruction: Run) -> tuple[str, ...]:
-    """BuildKit's rule: a lone heredoc is the script; otherwise the shell reads the heredocs itself."""
+                  instruction: Run) -> tuple[tuple[str, ...], tuple[tuple[str, bytes], ...]]:
+    """BuildKit's rule: a lone heredoc is the script; otherwise the shell reads the heredocs itself.
+
+    A lone heredoc that starts with ``#!`` becomes an executable file, /dev/pipes/<delimiter>, run as
+    it is: its interpreter reads it from there, and its standard input stays the step's own.
+    """
     if command.exec_form:
         raise PybuildError("RUN in exec form cannot take a heredoc", instruction.location)
     line = command.args[0] if command.args else ""
     bodies = [heredoc_body(heredoc) for heredoc in heredocs]
+    shell = state.image.config.shell or DEFAULT_SHELL
     if len(heredocs) == 1 and re.fullmatch(r"\s*<<-?\s*['\"]?" + re.escape(heredocs[0].name) + r"['\"]?\s*", line):
         if bodies[0].startswith("#!"):
-            interpreter = shlex.split(bodies[0].splitlines()[0][2:])
-            if not interpreter:
-                raise PybuildError("RUN heredoc: the #! line names no interpreter", instruction.location)
-            # The interpreter reads the script from its standard input, as `#!` would have it read a file.
-            script = shell_quote(bodies[0])
-            return (*(state.image.config.shell or DEFAULT_SHELL),
-                    f"printf '%s' {script} | {' '.join(shell_quote(word) for word in interpreter)} /dev/stdin")
-        return (*(state.image.config.shell or DEFAULT_SHELL), bodies[0])
+            name = heredocs[0].name
+            if "/" in name or name in ("", ".", ".."):
+                raise PybuildError(f"RUN heredoc: the delimiter {name!r} cannot name the script's file in "
+                                   f"{HEREDOC_SCRIPT_DIR}", instruction.location)
+            return (f"{HEREDOC_SCRIPT_DIR}/{name}",), ((name, bodies[0].encode()),)
+        return (*shell, bodies[0]), ()
     script = line
     for heredoc, body in zip(heredocs, bodies, strict=True):
         script += "\n" + body + ("" if body.endswith("\n") or not body else "\n") + heredoc.name
-    return (*(state.image.config.shell or DEFAULT_SHELL), script)
+    return (*shell, script), ()
 
 
 def shell_quote(text: str) -> str:

@@ -107,6 +107,15 @@ CASES = [
          contents={"/heredoc": "one\ntwo\n"}),
     Case("run-heredoc-shebang", B + "RUN <<EOF\n#!/usr/bin/awk -f\nBEGIN { print 6 * 7 > \"/awk\" }\nEOF\n",
          contents={"/awk": "42\n"}),
+    # BuildKit runs a lone heredoc starting with #! as the executable file /dev/pipes/<delimiter>, read-only,
+    # with the step's own stdin; /dev is the sandbox's, so the script lands in no layer
+    Case("run-heredoc-shebang-is-a-file", B + "RUN <<-SCRIPT\n\t#!/bin/sh -e\n\techo \"$0\" > /argv0\n"
+         "\tstat -c '%a %u' \"$0\" > /mode\n\tcat > /stdin\n\t(echo changed >> \"$0\") 2>/dev/null || "
+         "echo read-only > /ro\n\tSCRIPT\n",
+         contents={"/argv0": "/dev/pipes/SCRIPT\n", "/mode": "755 0\n", "/stdin": "", "/ro": "read-only\n"},
+         absent=("/dev/pipes", "/dev/pipes/SCRIPT")),
+    Case("run-heredoc-shebang-as-user", B + "USER 1000:1000\nWORKDIR /tmp\n"
+         "RUN <<EOF\n#!/bin/sh\nid -u > /tmp/uid\nEOF\n", contents={"/tmp/uid": "1000\n"}),
     Case("run-heredoc-as-stdin", B + "RUN cat > /fed <<EOF\nfed $((1 + 1))\nEOF\n", contents={"/fed": "fed 2\n"}),
     # Docker's SHELL reference: it sets the shell of the shell forms of RUN, CMD and ENTRYPOINT
     Case("run-shell-instruction", B + 'SHELL ["/bin/busybox", "env", "SHELLED=yes", "/bin/sh", "-c"]\n'
@@ -375,6 +384,7 @@ FAILURES = [
     Failure("symlink-out-of-context", B + "COPY escape/passwd /x\n", {"escape": Symlink("../../../../../etc")},
             says=("escape",)),
     Failure("unsupported-mount-type", B + "RUN --mount=type=cache,target=/root/.cache true\n", says=("cache",)),
+    Failure("heredoc-script-name-with-slash", B + "RUN <<'a/b'\n#!/bin/sh\ntrue\na/b\n", says=("'a/b'",)),
     Failure("add-checksum-mismatch", B + f"ADD --checksum=sha256:{'0' * 64} @HTTP@/served.txt /x\n",
             says=("checksum",)),
 ]

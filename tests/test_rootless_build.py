@@ -42,6 +42,10 @@ RUN mkdir -p /home/www /tmp && chown www:www /home/www && chmod 1777 /tmp && ech
     && rm /etc/group && mkdir -p /gone && rmdir /gone
 USER www
 RUN echo www > /home/www/by-www && id > /home/www/id
+RUN <<EOF
+#!/bin/sh
+id -u > /home/www/script-uid
+EOF
 """
 
 
@@ -153,6 +157,7 @@ def test_rootless_build_with_subordinate_ids(readable_tree: Path, user_with_subo
     # the context's bind mount leaves out what .dockerignore drops, made from files this user does not own
     assert file_text(archive, "ctx-listing") == ".dockerignore\nDockerfile\nkept.txt\n"
     assert not any(name.startswith("gone") for name in names)
+    assert file_text(archive, "home/www/script-uid") == "1000\n"  # a heredoc script, run from the sandbox's /dev
     # Its unpacked layers hold files of the namespace's users and whiteout devices; the same user frees them.
     snapshots = readable_tree / f"work-{uid}" / "store" / "snapshots" / "overlay-userxattr"
     assert len(list(snapshots.iterdir())) == len(layers(archive))

@@ -226,6 +226,24 @@ def test_script_with_a_missing_interpreter(busybox_rootfs: Path) -> None:
 
 
 @needs_root
+def test_scripts_run_from_a_read_only_dir_of_the_sandboxs_dev(busybox_rootfs: Path) -> None:
+    """A RUN heredoc with #! runs as a file, as BuildKit's; /dev is the sandbox's, so no trace reaches the root."""
+    before = snapshot(busybox_rootfs)
+    scripts = (("first", b"#!/bin/sh\necho \"first $0 $1\"\n"), ("second", b"#!/bin/sh\nls -l /dev/pipes\n"))
+    code, output = run(busybox_rootfs, ("/dev/pipes/first", "arg"), scripts=scripts)
+    assert (code, output) == (0, "first /dev/pipes/first arg\n")
+    code, output = run(busybox_rootfs, ("/dev/pipes/second",), scripts=scripts)
+    assert code == 0
+    assert [(line.split()[0], line.split()[-1]) for line in output.splitlines()[-2:]] == [
+        ("-rwxr-xr-x", "first"), ("-rwxr-xr-x", "second")]
+    code, output = run(busybox_rootfs, ("sh", "-c", "echo x > /dev/pipes/first"), scripts=scripts)
+    assert code != 0 and "Read-only file system" in output
+    code, output = run(busybox_rootfs, ("sh", "-c", "ls /dev/pipes"))
+    assert code != 0, "without scripts there is no such directory"
+    assert snapshot(busybox_rootfs) == before
+
+
+@needs_root
 def test_read_only_bind_mount_refuses_writes(busybox_rootfs: Path, tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
