@@ -247,7 +247,7 @@ class _TarStream:
             self.write(bytes(_BLOCK - size % _BLOCK))
 
     def stop(self) -> None:
-        """Let the stream's thread end (after what it was given); safe to call more than once."""
+        """Let the stream's threads end (after what they were given); safe to call more than once."""
         for (filled, _), worker in zip(self.lanes, self.workers, strict=True):
             if worker.is_alive():
                 filled.put(None)

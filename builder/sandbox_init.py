@@ -202,11 +202,9 @@ def _add_scripts(directory: str, scripts: list[tuple[str, bytes]]) -> None:
         os.mkdir(directory, 0o755)
         for name, content in scripts:
             fd = os.open(f"{directory}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755)
-            try:
-                os.write(fd, content)
+            with open(fd, "wb") as script:
+                script.write(content)
                 os.fchmod(fd, 0o755)  # whatever the umask
-            finally:
-                os.close(fd)
         linux.mount(directory, directory, None, linux.MS_BIND)
         _remount_readonly(directory)
     except OSError as error:
