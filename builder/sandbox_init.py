@@ -127,7 +127,7 @@ def _build_root(plan: dict) -> None:
     _mount_proc(plan["proc"])
     _mount_dev(plan["dev"])
     if plan["scripts"]:
-        _add_scripts(plan["dev"] + plan["script_dir"].removeprefix("/dev"), plan["scripts"])
+        _add_scripts(plan["script_dir"], plan["scripts"])
     # Files made for the step (/etc/hosts, secrets) live in a tmpfs of this namespace only: nothing is left on
     # the host even if the builder is killed. Detaching it afterwards hides it; the files bound from it stay.
     staging = f"{plan['dev']}/.staging"

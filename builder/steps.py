@@ -270,10 +270,6 @@ def _heredoc_argv(state: StageState, command: Command, heredocs: tuple[Heredoc, 
     return (*shell, script), ()
 
 
-def shell_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
-
-
 def do_copy(ctx: StepContext, state: StageState, instruction: Copy | Add) -> StageState:
     expanded = _expanded(state, instruction, ctx.escape)
     assert isinstance(expanded, Copy | Add)
