@@ -18,7 +18,7 @@ from parser.errors import PybuildError
 from parser.instructions import Dockerfile
 
 
-@dataclass(frozen=True)
+@dataclass
 class BuildRequest:
     """Everything one ``pybuild build`` asks for, as the CLI read it."""
 
@@ -40,7 +40,7 @@ class BuildRequest:
     source_date_epoch: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class BuildResult:
     """What a build made: the image ID, the manifest digest and the names it was stored under."""
 

@@ -158,7 +158,7 @@ def translate(pattern: str, *, double_star: bool) -> str:
     return "".join(out)
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Rule:
     """One line of a .dockerignore (or --exclude) pattern list, compiled."""
 
@@ -258,7 +258,7 @@ def ignore_file_for(root: Path, dockerfile_path: Path | None) -> Path | None:
 # Trees
 
 
-@dataclass(frozen=True)
+@dataclass
 class SourceMatch:
     """One source COPY found: ``path`` as matched (relative to the tree root, "" for the root itself),
     ``real`` the host path after following symlinks, ``real_rel`` that path relative to the root."""

@@ -42,7 +42,7 @@ def platform_args() -> dict[str, str]:
     return values
 
 
-@dataclass(frozen=True)
+@dataclass
 class Stage:
     """One FROM and the instructions after it, up to the next FROM."""
 
@@ -58,7 +58,7 @@ class Stage:
         return self.name or f"stage-{self.index}"
 
 
-@dataclass(frozen=True)
+@dataclass
 class BuildGraph:
     """The stages of a Dockerfile, the target, and which stages the target needs."""
 

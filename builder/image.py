@@ -36,7 +36,7 @@ def canonical_json(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Layer:
     """One filesystem layer: ``diff_id`` hashes the uncompressed tar, ``digest`` the blob as stored.
 
@@ -53,7 +53,7 @@ class Layer:
         return not self.digest
 
 
-@dataclass(frozen=True)
+@dataclass
 class Descriptor:
     """An OCI content descriptor: what a manifest or index says about a blob."""
 
@@ -82,7 +82,7 @@ class Descriptor:
         )
 
 
-@dataclass(frozen=True)
+@dataclass
 class Healthcheck:
     """Docker's Healthcheck config; durations in nanoseconds, zero meaning "inherit the default"."""
 
@@ -94,7 +94,7 @@ class Healthcheck:
     retries: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class History:
     """One entry of the image config's history: the step that made it, and whether it made a layer."""
 
@@ -104,7 +104,7 @@ class History:
     comment: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass
 class ImageConfig:
     """The runtime part of an image config (what ``docker inspect`` shows under Config)."""
 
@@ -141,7 +141,7 @@ class ImageConfig:
         return replace(self, labels=tuple(sorted(items)))
 
 
-@dataclass(frozen=True)
+@dataclass
 class Image:
     """Everything needed to write an image: its config, its layers bottom-up, and its history."""
 

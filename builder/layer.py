@@ -43,7 +43,7 @@ _BLOCK = tarfile.BLOCKSIZE
 LowerStat = Callable[[str], "os.stat_result | None"]
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Entry:
     """One tar member to write: ``path`` is its source in the upper dir (None for a whiteout marker)."""
 

@@ -18,7 +18,7 @@ SUBGID = Path("/etc/subgid")
 INITIAL_MAP = [(0, 0, 4294967295)]
 
 
-@dataclass(frozen=True)
+@dataclass
 class BuildNamespace:
     """What the build may do in its namespace.
 

@@ -20,7 +20,7 @@ from cache.blobs import BlobStore
 from parser.errors import PybuildError
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerSource:
     """What writing a pending layer's blob needs: its snapshot and the snapshots below it (None: none count)."""
 

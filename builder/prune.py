@@ -19,7 +19,7 @@ from builder.store import ImageStore
 LEASE_FILE = "lease.lock"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Freed:
     """What one pass removed: unnamed images (by ID), blob files, unpacked layers, and the bytes they took."""
 

@@ -22,7 +22,7 @@ _BOOT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[
          "from builder.sandbox_init import main; main()")
 
 
-@dataclass(frozen=True)
+@dataclass
 class BindMount:
     """A host file or directory shown at ``target``."""
 
@@ -31,7 +31,7 @@ class BindMount:
     readonly: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass
 class TmpfsMount:
     """An empty memory-backed directory at ``target``; ``size`` in bytes."""
 
@@ -39,7 +39,7 @@ class TmpfsMount:
     size: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class SecretMount:
     """A secret shown read-only at ``target``, never copied into the rootfs.
 
@@ -55,7 +55,7 @@ class SecretMount:
     content: bytes | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class SandboxSpec:
     """One command to run: ids are numbers (the builder resolves USER names) and network is already decided."""
 

@@ -37,7 +37,7 @@ _CHUNK = 1 << 20
 _PROBE_MEMO = ".overlay-mounts"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Snapshotter:
     """How step roots are made here: ``kind`` overlay or copy, and the xattr marking opaque dirs."""
 
@@ -55,7 +55,7 @@ class Snapshotter:
         return "overlay-userxattr" if self.userxattr else "overlay"
 
 
-@dataclass(frozen=True)
+@dataclass
 class StepRoot:
     """A mounted step root: write in ``merged``; after the mount is gone ``upper`` holds the changes."""
 

@@ -34,7 +34,7 @@ from parser.instructions import Add, Copy, Instruction, Run, parse
 IMAGE_CONTEXT_PREFIXES = ("docker-image://", "oci-layout:", "oci-archive:")
 
 
-@dataclass(frozen=True)
+@dataclass
 class SecretSource:
     """Where a ``--secret`` comes from: a file or an environment variable of the pybuild process."""
 
@@ -54,7 +54,7 @@ class SecretSource:
         return value.encode()
 
 
-@dataclass(frozen=True)
+@dataclass
 class BuildOptions:
     """The parts of a build request the steps need while they run."""
 

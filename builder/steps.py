@@ -47,7 +47,7 @@ DEFAULT_SHELL = ("/bin/sh", "-c")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-@dataclass(frozen=True)
+@dataclass
 class StageState:
     """A stage between two instructions: the image so far and the ARGs in scope."""
 

@@ -97,7 +97,7 @@ def default_root() -> Path:
     return Path(data_home) / "pybuild"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Reference:
     """A parsed image reference: ``name`` in familiar ``repository:tag`` form, and/or a manifest digest."""
 
@@ -146,7 +146,7 @@ def full_name(name: str) -> str:
     return f"docker.io/{name}" if "/" in name else f"docker.io/library/{name}"
 
 
-@dataclass(frozen=True)
+@dataclass
 class StoredImage:
     """An image in the store: its manifest descriptor (no annotations), the image, and its names."""
 
@@ -636,7 +636,7 @@ _METADATA_MEMBERS = ("index.json", "oci-layout", "manifest.json")
 _QUIET_MEMBERS = re.compile(r"repositories|[0-9a-f]{64}/(?:json|VERSION)")
 
 
-@dataclass(frozen=True)
+@dataclass
 class ArchiveContents:
     """What an archive held: its small metadata files, and member name -> digest of each blob stored."""
 

@@ -22,7 +22,7 @@ MAX_ID = 2**31 - 1  # runc's limit for uids and gids
 _NUMBER = re.compile(r"[0-9]+")
 
 
-@dataclass(frozen=True)
+@dataclass
 class UserIds:
     """A USER resolved in the image: numeric uid, gid and supplementary groups."""
 
@@ -31,7 +31,7 @@ class UserIds:
     groups: tuple[int, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Entry:
     """One line of /etc/passwd or /etc/group: name, numeric id, and (passwd) gid or (group) members."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass
 class SourceRange:
     """Where something sits in a file: 1-based lines and a 1-based column on the first line."""
 

@@ -32,7 +32,7 @@ from parser.lines import Heredoc
 from parser.shell import ShellLexer
 
 
-@dataclass(frozen=True)
+@dataclass
 class Expanded:
     """The instruction with its words expanded, and the variable names those words used."""
 

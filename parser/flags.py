@@ -7,7 +7,6 @@ needs `=value`; only list flags may repeat.  Anything else is an error naming th
 from __future__ import annotations
 
 import csv
-import difflib
 import enum
 from dataclasses import dataclass
 
@@ -56,7 +55,7 @@ class FlagError(Exception):
         self.message, self.index, self.hint = message, index, hint
 
 
-@dataclass(frozen=True)
+@dataclass
 class FlagValues:
     """The flags an instruction was given: ``values`` by name, and where each occurrence of a name
     stands among the flags (several for a list flag), for error positions."""
@@ -83,6 +82,8 @@ def read_flags(keyword: str, flags: tuple[str, ...]) -> FlagValues:
         name, has_value, value = flag[2:].partition("=")
         kind = allowed.get(name)
         if kind is None:
+            import difflib  # only for a mistake: the import costs every build ~1 ms
+
             close = difflib.get_close_matches(name, allowed, n=1)
             hint = f"did you mean --{close[0]}?" if close else None
             if not allowed:
@@ -138,7 +139,7 @@ _MOUNT_KEY_TYPES = {
 }
 
 
-@dataclass(frozen=True)
+@dataclass
 class Mount:
     """One `RUN --mount=...`. Values are as written; `$VAR` in them is expanded at build time."""
 

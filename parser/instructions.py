@@ -1,4 +1,4 @@
-"""Raw nodes to typed instructions: one frozen dataclass per instruction, every flag read and checked.
+"""Raw nodes to typed instructions: one dataclass per instruction, every flag read and checked.
 
 Values stay as written (``$VAR`` unexpanded); ``parser.expand`` expands them at build time,
 with each stage's ARG and ENV values.
@@ -6,7 +6,6 @@ with each stage's ARG and ENV values.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ if TYPE_CHECKING:
     from parser.nodes import RawDockerfile, RawNode
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Instruction:
     """What every instruction carries: where it is, and its text as written."""
 
@@ -27,7 +26,7 @@ class Instruction:
     original: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Command:
     """A command line: exec form runs ``args`` as they are; shell form's one arg goes to the SHELL."""
 
@@ -35,7 +34,7 @@ class Command:
     exec_form: bool
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class From(Instruction):
     """``FROM image [AS name]``: the base of a stage."""
 
@@ -44,7 +43,7 @@ class From(Instruction):
     platform: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Run(Instruction):
     """``RUN``: a command in the sandbox, with its mounts, network and heredoc bodies."""
 
@@ -56,28 +55,28 @@ class Run(Instruction):
     devices: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Cmd(Instruction):
     """``CMD``: the image's default command or ENTRYPOINT arguments."""
 
     command: Command
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Entrypoint(Instruction):
     """``ENTRYPOINT``: the program the image runs, with CMD as its arguments."""
 
     command: Command
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Shell(Instruction):
     """``SHELL``: the argv prefix for later shell-form commands."""
 
     args: tuple[str, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Copy(Instruction):
     """``COPY``: files from the context, a stage, an image or inline heredocs into the image."""
 
@@ -92,7 +91,7 @@ class Copy(Instruction):
     excludes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Add(Instruction):
     """``ADD``: COPY plus local archive extraction and URL downloads."""
 
@@ -108,7 +107,7 @@ class Add(Instruction):
     excludes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass
 class KeyValue:
     """One ``key=value`` pair of ENV or LABEL."""
 
@@ -116,21 +115,21 @@ class KeyValue:
     value: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Env(Instruction):
     """``ENV``: variables for later steps and the image."""
 
     pairs: tuple[KeyValue, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Label(Instruction):
     """``LABEL``: metadata in the image config."""
 
     pairs: tuple[KeyValue, ...]
 
 
-@dataclass(frozen=True)
+@dataclass
 class ArgDefinition:
     """One name of an ARG, with its default if it has one."""
 
@@ -138,56 +137,56 @@ class ArgDefinition:
     default: str | None = None  # None: no default given (`ARG NAME`)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Arg(Instruction):
     """``ARG``: build arguments declared for the stage (or globally, before the first FROM)."""
 
     args: tuple[ArgDefinition, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Expose(Instruction):
     """``EXPOSE``: ports, as written (expanded later)."""
 
     ports: tuple[str, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Volume(Instruction):
     """``VOLUME``: mount points recorded in the image config."""
 
     paths: tuple[str, ...]
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Workdir(Instruction):
     """``WORKDIR``: the working directory, created when missing."""
 
     path: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class User(Instruction):
     """``USER``: the user (and group) later steps and the image run as."""
 
     user: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Stopsignal(Instruction):
     """``STOPSIGNAL``: the signal that stops a container of the image."""
 
     signal: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Maintainer(Instruction):
     """``MAINTAINER``: the deprecated author field."""
 
     name: str
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Healthcheck(Instruction):
     """``command`` None is ``HEALTHCHECK NONE``; durations are nanoseconds, as in the image config."""
 
@@ -199,7 +198,7 @@ class Healthcheck(Instruction):
     retries: int | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class Onbuild(Instruction):
     """``expression`` is the trigger as written; it is what an image config's OnBuild holds."""
 
@@ -207,7 +206,7 @@ class Onbuild(Instruction):
     expression: str
 
 
-@dataclass(frozen=True)
+@dataclass
 class Dockerfile:
     """A parsed Dockerfile: its instructions, parser directives and warnings."""
 
@@ -305,6 +304,8 @@ class _Converter:
     def instruction(self, node: RawNode) -> Instruction:
         convert = getattr(self, f"_{node.keyword}", None)
         if node.keyword not in KEYWORDS or convert is None:
+            import difflib  # only for a mistake: the import costs every build ~1 ms
+
             close = difflib.get_close_matches(node.keyword, KEYWORDS, n=1, cutoff=0.6)
             hint = f"did you mean {close[0].upper()}?" if close else None
             raise self.error(node, f"unknown instruction: {node.keyword.upper()}", hint=hint)

@@ -22,7 +22,7 @@ _DIRECTIVE = re.compile(r"#[\t\n\f\r ]*([a-zA-Z][a-zA-Z0-9]*)[\t\n\f\r ]*=[\t\n\
 _HEREDOC_WORD = re.compile(r"([0-9]*)<<(-?)[\t\n\f\r ]*([^<]*)", re.S)  # Go's \d and \s are ASCII
 
 
-@dataclass(frozen=True)
+@dataclass
 class Heredoc:
     """A here-document: its delimiter, body (with its line endings) and how to treat it."""
 
@@ -33,7 +33,7 @@ class Heredoc:
     expand: bool = True  # an unquoted delimiter: `$VAR` in the body is expanded
 
 
-@dataclass(frozen=True)
+@dataclass
 class LogicalLine:
     """One instruction's text after continuations are joined, with where its pieces came from."""
 
@@ -54,7 +54,7 @@ class LogicalLine:
         return line, column + offset - base
 
 
-@dataclass(frozen=True)
+@dataclass
 class Directive:
     """A parser directive (``# syntax=``, ``# escape=``, ``# check=``) from the file's head."""
 
@@ -63,7 +63,7 @@ class Directive:
     line: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class ParseWarning:
     """Something accepted but worth telling the user, with its line."""
 
@@ -71,7 +71,7 @@ class ParseWarning:
     line: int
 
 
-@dataclass(frozen=True)
+@dataclass
 class SourceLines:
     """A Dockerfile cut into physical lines, with the directives read from its top."""
 

@@ -35,7 +35,7 @@ _JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\\/bfnrt]|\\u[0-9a-fA-F]{4})*"'
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-@dataclass(frozen=True)
+@dataclass
 class RawNode:
     """One instruction as written: keyword (lower case), flags, argument strings.
 
@@ -70,7 +70,7 @@ class RawNode:
         return node.keyword in HEREDOC_KEYWORDS and not node.json_form
 
 
-@dataclass(frozen=True)
+@dataclass
 class RawDockerfile:
     """Every instruction of a file, plus what the pre-pass noticed along the way."""
 
