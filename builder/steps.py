@@ -249,7 +249,8 @@ def _heredoc_argv(state: StageState, command: Command, heredocs: tuple[Heredoc, 
     """BuildKit's rule: a lone heredoc is the script; otherwise the shell reads the heredocs itself.
 
     A lone heredoc that starts with ``#!`` becomes an executable file, /dev/pipes/<delimiter>, run as
-    it is: its interpreter reads it from there, and its standard input stays the step's own.
+    it is: its interpreter reads it from there, and its standard input stays the step's own. As in
+    BuildKit, the ``#!`` is looked for before ``<<-`` strips tabs: a tab-indented one leaves a shell script.
     """
     if command.exec_form:
         raise PybuildError("RUN in exec form cannot take a heredoc", instruction.location)
@@ -257,7 +258,7 @@ def _heredoc_argv(state: StageState, command: Command, heredocs: tuple[Heredoc, 
     bodies = [heredoc_body(heredoc) for heredoc in heredocs]
     shell = state.image.config.shell or DEFAULT_SHELL
     if len(heredocs) == 1 and re.fullmatch(r"\s*<<-?\s*['\"]?" + re.escape(heredocs[0].name) + r"['\"]?\s*", line):
-        if bodies[0].startswith("#!"):
+        if heredocs[0].content.startswith("#!"):
             name = heredocs[0].name
             if "/" in name or name in ("", ".", ".."):
                 raise PybuildError(f"RUN heredoc: the delimiter {name!r} cannot name the script's file in "

@@ -109,11 +109,14 @@ CASES = [
          contents={"/awk": "42\n"}),
     # BuildKit runs a lone heredoc starting with #! as the executable file /dev/pipes/<delimiter>, read-only,
     # with the step's own stdin; /dev is the sandbox's, so the script lands in no layer
-    Case("run-heredoc-shebang-is-a-file", B + "RUN <<-SCRIPT\n\t#!/bin/sh -e\n\techo \"$0\" > /argv0\n"
+    Case("run-heredoc-shebang-is-a-file", B + "RUN <<-SCRIPT\n#!/bin/sh -e\n\techo \"$0\" > /argv0\n"
          "\tstat -c '%a %u' \"$0\" > /mode\n\tcat > /stdin\n\t(echo changed >> \"$0\") 2>/dev/null || "
          "echo read-only > /ro\n\tSCRIPT\n",
          contents={"/argv0": "/dev/pipes/SCRIPT\n", "/mode": "755 0\n", "/stdin": "", "/ro": "read-only\n"},
          absent=("/dev/pipes", "/dev/pipes/SCRIPT")),
+    # BuildKit looks for the #! before <<- strips the tabs: an indented one is a comment of a shell script
+    Case("run-heredoc-indented-shebang-is-a-shell-script", B + "RUN <<-SCRIPT\n\t#!/bin/false\n"
+         "\techo \"$0\" > /argv0\n\tSCRIPT\n", contents={"/argv0": "/bin/sh\n"}),
     Case("run-heredoc-shebang-as-user", B + "USER 1000:1000\nWORKDIR /tmp\n"
          "RUN <<EOF\n#!/bin/sh\nid -u > /tmp/uid\nEOF\n", contents={"/tmp/uid": "1000\n"}),
     Case("run-heredoc-as-stdin", B + "RUN cat > /fed <<EOF\nfed $((1 + 1))\nEOF\n", contents={"/fed": "fed 2\n"}),
