@@ -37,16 +37,21 @@ MUTABLE_NAMES = {  # (module, variable) assigned to by attribute, and what it ho
 
 def _attribute_targets(node: ast.AST) -> list[ast.Attribute]:
     if isinstance(node, ast.Assign):
-        targets = list(node.targets)
+        targets = [leaf for target in node.targets for leaf in _unpacked(target)]
     elif isinstance(node, ast.AugAssign | ast.AnnAssign):
         targets = [node.target]
     else:
         return []
-    while any(isinstance(target, ast.Tuple | ast.List | ast.Starred) for target in targets):  # a, b.c = ...
-        targets = [leaf for target in targets for leaf in (
-            target.elts if isinstance(target, ast.Tuple | ast.List) else
-            [target.value] if isinstance(target, ast.Starred) else [target])]
     return [target for target in targets if isinstance(target, ast.Attribute) and isinstance(target.value, ast.Name)]
+
+
+def _unpacked(target: ast.expr) -> list[ast.expr]:
+    """The names a target assigns: ``a, (b.c, *d) = ...`` gives a, b.c and d."""
+    if isinstance(target, ast.Tuple | ast.List):
+        return [leaf for element in target.elts for leaf in _unpacked(element)]
+    if isinstance(target, ast.Starred):
+        return _unpacked(target.value)
+    return [target]
 
 
 def _is_dataclass(node: ast.ClassDef) -> bool:
@@ -87,6 +92,7 @@ def test_dataclass_values_are_never_assigned_to() -> None:
     ("@dataclass\nclass A:\n    x: int\n    def bump(self):\n        self.x += 1\n", ["m.py:5: self.x assigned"]),
     ("def f(a):\n    a.x = 1\n", ["m.py:2: a.x assigned"]),
     ("def f(a):\n    a.x, b = 1, 2\n", ["m.py:2: a.x assigned"]),
+    ("def f(a):\n    b, (c, *a.x) = 1, (2, 3)\n", ["m.py:2: a.x assigned"]),
     ("def f(a):\n    a[b.c] = 1\n    a.b.c = 2\n", []),
     ("def f(a):\n    object.__setattr__(a, 'x', 1)\n", ["m.py:2: object.__setattr__()"]),
     ("class Plain:\n    def __init__(self):\n        self.x = 1\n", []),
