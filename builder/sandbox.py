@@ -235,7 +235,7 @@ def _plan(spec: SandboxSpec, rootfs: Path, created: list[Path]) -> dict:
         "argv": list(spec.argv), "env": list(spec.env),
         "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid, "groups": list(spec.groups),
         "hostname": spec.hostname, "network": spec.network,
-        "scripts": [(name, content) for name, content in spec.scripts],
+        "scripts": list(spec.scripts),
         "script_dir": str(dev / HEREDOC_SCRIPT_DIR.removeprefix("/dev/")),
     }
 
