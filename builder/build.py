@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from builder.checks import check_graph
 from builder.graph import build_graph, host_platform
 from builder.image import config_json, sha256_digest
 from builder.progress import make_progress
@@ -49,19 +50,22 @@ class BuildResult:
     names: tuple[str, ...]
 
 
-def run_build(request: BuildRequest, state_root: Path | None = None, interpreter: Interpreter | None = None
-              ) -> BuildResult:
-    """Build what ``request`` asks; ``interpreter``, a sandbox started ahead by the caller, serves the first RUN."""
+def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter | None = None) -> BuildResult:
+    """Build what ``request`` asks into the store at ``state_root``.
+
+    The caller chooses the store before the build enters its namespace (where every user is root);
+    ``interpreter``, a sandbox started ahead by the caller, serves the first RUN.
+    """
     from builder.namespace import enter_build_namespace
-    from builder.store import default_root
 
     os_name, arch, _ = host_platform()
     if request.platform not in (None, f"{os_name}/{arch}"):
         raise PybuildError(f"--platform={request.platform}: pybuild builds only for this machine ({os_name}/{arch})")
     graph = build_graph(request.dockerfile, request.build_args, request.target)
+    check_graph(graph)  # mistakes the Dockerfile's text shows fail the build before any step runs
     # Before any thread starts: the namespace calls need a single-threaded process.
     enter_build_namespace()
-    root = state_root or default_root()
+    root = state_root
     progress = make_progress(request.progress)
     with shared_lease(root):  # nothing this build unpacks or writes can be freed while it runs
         try:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -21,15 +23,69 @@ class _BuildByDefault(click.Group):
     """`pybuild PATH` means `pybuild build PATH`, as users type `pybuild .` in their repos."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
-            args = ["build", *args]
+        first = next((i for i, arg in enumerate(args) if arg != "--debug"), len(args))
+        if first < len(args) and args[first] not in self.commands and args[first] not in ("--help", "-h", "--version"):
+            args = [*args[:first], "build", *args[first:]]
         return super().parse_args(ctx, args)
+
+
+_debug = os.environ.get("PYBUILD_DEBUG", "") not in ("", "0")
 
 
 @click.group(cls=_BuildByDefault, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pybuild", prog_name="pybuild")
-def cli() -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an unexpected error (also: PYBUILD_DEBUG=1).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
     """Build OCI images from Dockerfiles: sandboxed, cached, reproducible."""
+    global _debug
+    _debug = _debug or debug
+    # Decided here, before any command enters a user namespace, where every user looks like root.
+    from builder.store import default_root
+
+    ctx.obj = default_root()
+
+
+def _store_root(root: Path) -> Path:
+    """The store root, made if missing; a root the user may not write is named with what to do instead."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PybuildError(f"cannot create pybuild's store {root}: {exc.strerror}", hint=_ROOT_HINT) from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise PybuildError(f"cannot write to pybuild's store {root}: "
+                           f"{'read-only file system' if _read_only(root) else 'permission denied'}",
+                           hint=_ROOT_HINT)
+    return root
+
+
+_ROOT_HINT = "set PYBUILD_ROOT to a directory you may write (root's store is /var/lib/pybuild, a user's "\
+    "~/.local/share/pybuild)"
+
+
+def _check_writable(path: Path, what: str, directory: bool = False) -> None:
+    """Fail before the build, not after it, when an output cannot be written where it was asked."""
+    existing = path if directory else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise PybuildError(f"{what}: cannot write {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(existing) else "permission denied"
+        raise PybuildError(f"{what}: cannot write {path}: {reason}"
+                           + (f" (in {existing})" if existing not in (path, path.parent) else ""))
+
+
+def _free_space(path: Path) -> int:
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return 1 << 62
+    return stat.f_bavail * stat.f_frsize
+
+
+def _read_only(path: Path) -> bool:
+    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
 
 
 def _read_dockerfile(file: str | None, context: Path | None = None) -> tuple[bytes, str]:
@@ -40,7 +96,8 @@ def _read_dockerfile(file: str | None, context: Path | None = None) -> tuple[byt
     try:
         return path.read_bytes(), str(path)
     except FileNotFoundError:
-        raise PybuildError(f"cannot read Dockerfile: {path} does not exist", hint="pass its path with -f") from None
+        hint = None if file else "pass its path with -f"
+        raise PybuildError(f"cannot read Dockerfile: {path} does not exist", hint=hint) from None
     except OSError as exc:
         raise PybuildError(f"cannot read Dockerfile {path}: {exc.strerror}") from None
 
@@ -142,15 +199,24 @@ def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
 @click.option("--compression", type=click.Choice(["zstd", "gzip"]), default=None,
               help="Layer compression: zstd (default), or gzip for old clients (the default with type=docker).")
 @click.option("--platform", help="Target platform; only this machine's is supported so far.")
-def build(context: Path, file: str | None, tags: tuple[str, ...], build_args: tuple[str, ...], target: str | None,
-          no_cache: bool, progress: str, quiet: bool, outputs: tuple[str, ...], iidfile: Path | None,
-          metadata_file: Path | None, secrets: tuple[str, ...], network: str, build_contexts: tuple[str, ...],
-          compression: str | None, platform: str | None) -> None:
+@click.pass_obj
+def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ...], build_args: tuple[str, ...],
+          target: str | None, no_cache: bool, progress: str, quiet: bool, outputs: tuple[str, ...],
+          iidfile: Path | None, metadata_file: Path | None, secrets: tuple[str, ...], network: str,
+          build_contexts: tuple[str, ...], compression: str | None, platform: str | None) -> None:
     """Build an image from the Dockerfile in CONTEXT."""
     if not context.is_dir():
         state = "is not a directory" if context.exists() else "does not exist"
         raise PybuildError(f"build context {context} {state}")
     source, name = _read_dockerfile(file, context)
+    root = _store_root(store_root)
+    for output in _outputs(outputs):
+        if output.get("dest"):
+            _check_writable(Path(output["dest"]), f"--output type={output['type']}",
+                            directory=output["type"] == "local")
+    for path, what in ((iidfile, "--iidfile"), (metadata_file, "--metadata-file")):
+        if path is not None:
+            _check_writable(path, what)
     interpreter = _start_sandbox_early(source)
     try:
         from builder.build import BuildRequest, run_build
@@ -180,13 +246,16 @@ def build(context: Path, file: str | None, tags: tuple[str, ...], build_args: tu
             progress="quiet" if quiet else progress,
             source_date_epoch=_source_date_epoch(_key_values(build_args, "--build-arg")),
         )
-        run_build(request, interpreter=interpreter)
+        run_build(request, root, interpreter=interpreter)
     except PybuildError as exc:
         if exc.location is not None and exc.source_line is None and exc.location.file == name:
             lines = source.decode("utf-8", "replace").splitlines()
             if 0 < exc.location.start_line <= len(lines):
                 exc.source_line = lines[exc.location.start_line - 1]
         raise
+    except OSError as exc:
+        destinations = [Path(output["dest"]).parent for output in _outputs(outputs) if output.get("dest")]
+        raise os_error(exc, [root, *destinations]) from exc
     finally:
         if interpreter is not None:
             interpreter.close()  # unless a RUN used it
@@ -215,12 +284,17 @@ def _source_date_epoch(build_args: dict[str, str]) -> int:
 
 
 @cli.command()
-def images() -> None:
-    """List the images in pybuild's local store."""
-    from builder.store import ImageStore, default_root
+@click.pass_obj
+def images(store_root: Path) -> None:
+    """List the images in pybuild's local store.
 
-    store = ImageStore(default_root())
-    rows = [("REPOSITORY", "TAG", "IMAGE ID", "SIZE")]
+    The size is that of the compressed layers and config, as stored and as a registry receives them
+    (docker and podman show the unpacked size, which is larger).
+    """
+    from builder.store import ImageStore
+
+    store = ImageStore(_store_root(store_root))
+    rows = [("REPOSITORY", "TAG", "IMAGE ID", "COMPRESSED SIZE")]
     for entry in store.list():
         for name in entry.names or ("<none>:<none>",):
             repository, _, tag = name.rpartition(":")
@@ -240,13 +314,14 @@ def _size(size: int) -> str:
 
 @cli.command()
 @click.argument("names", nargs=-1, required=True)
-def rmi(names: tuple[str, ...]) -> None:
+@click.pass_obj
+def rmi(store_root: Path, names: tuple[str, ...]) -> None:
     """Remove images from the local store, and free the layers no other image uses."""
     from builder.namespace import enter_build_namespace
     from builder.prune import exclusive_lease, free_unused
-    from builder.store import ImageStore, default_root
+    from builder.store import ImageStore
 
-    root = default_root()
+    root = _store_root(store_root)
     store = ImageStore(root)
     for name in names:
         image_id = store.resolve(name).image_id
@@ -263,13 +338,13 @@ def rmi(names: tuple[str, ...]) -> None:
 
 
 @cli.command()
-def prune() -> None:
+@click.pass_obj
+def prune(store_root: Path) -> None:
     """Remove unnamed images, then free the blobs and unpacked layers no image uses (after running builds end)."""
     from builder.namespace import enter_build_namespace
     from builder.prune import exclusive_lease, free_unused
-    from builder.store import default_root
 
-    root = default_root()
+    root = _store_root(store_root)
     enter_build_namespace()
     with exclusive_lease(root, wait=False) as held:
         freed = free_unused(root, unnamed_images=True) if held else None
@@ -287,13 +362,14 @@ def prune() -> None:
 @click.argument("names", nargs=-1, required=True)
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Write the OCI archive to this file.")
-def save(names: tuple[str, ...], output: Path) -> None:
+@click.pass_obj
+def save(store_root: Path, names: tuple[str, ...], output: Path) -> None:
     """Save images to an OCI archive (with a docker manifest.json) that podman, skopeo and docker load."""
     from builder.exporter import write_oci_archive
     from builder.prune import shared_lease
-    from builder.store import ImageStore, default_root
+    from builder.store import ImageStore
 
-    root = default_root()
+    root = _store_root(store_root)
     store = ImageStore(root)
     with shared_lease(root):
         images = [(store.resolve(name).manifest, (name,)) for name in names]
@@ -303,7 +379,8 @@ def save(names: tuple[str, ...], output: Path) -> None:
 @cli.command()
 @click.option("-i", "--input", "archive", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The OCI or docker archive to load.")
-def load(archive: Path) -> None:
+@click.pass_obj
+def load(store_root: Path, archive: Path) -> None:
     """Load images from an OCI archive or a docker save archive into the local store.
 
     Their layers are unpacked now, as docker load and podman load do, so the first build on them starts at once.
@@ -312,27 +389,29 @@ def load(archive: Path) -> None:
     from builder.prune import shared_lease
     from builder.snapshot import Snapshots
     from builder.solver import unpack_layers
-    from builder.store import ImageStore, default_root
+    from builder.store import ImageStore
 
     if not archive.is_file():
         raise PybuildError(f"{archive}: no such file")
+    root = _store_root(store_root)
     enter_build_namespace()  # unpacking makes overlay whiteouts, which a rootless user may only make in it
-    root = default_root()
     store = ImageStore(root)
+    snapshots = Snapshots(root / "snapshots")
     with shared_lease(root):
-        for name in store.load_archive(archive):
-            unpack_layers(Snapshots(root / "snapshots"), store.blobs, store.resolve(name).image)
+        # unpacked before any is named: an image whose layers cannot be unpacked is never listed
+        for name in store.load_archive(archive, unpack=lambda image: unpack_layers(snapshots, store.blobs, image)):
             click.echo(f"Loaded image: {name}")
 
 
 @cli.command()
 @click.argument("name")
-def inspect(name: str) -> None:
+@click.pass_obj
+def inspect(store_root: Path, name: str) -> None:
     """Print an image's config as JSON."""
     from builder.image import config_json
-    from builder.store import ImageStore, default_root
+    from builder.store import ImageStore
 
-    stored = ImageStore(default_root()).resolve(name)
+    stored = ImageStore(_store_root(store_root)).resolve(name)
     click.echo(json.dumps(json.loads(config_json(stored.image)), indent=2))
 
 
@@ -370,20 +449,59 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
 
 def _run(argv: list[str] | None) -> int:
+    """Run the command; whatever goes wrong ends as one clear message and an exit code, never a traceback.
+
+    A traceback is shown only for what pybuild did not foresee, and only with --debug or PYBUILD_DEBUG=1.
+    """
     try:
         cli.main(args=argv, prog_name="pybuild", standalone_mode=False)
     except PybuildError as exc:
-        click.echo(exc.render(), err=True)
+        click.echo(("pybuild: " if exc.location is None else "") + exc.render(), err=True)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
-        click.echo("interrupted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        click.echo("pybuild: interrupted", err=True)
         return 130
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
+    except OSError as exc:
+        if _debug:
+            traceback.print_exc()
+        click.echo("pybuild: " + os_error(exc).render(), err=True)
+        return 1
+    except MemoryError:
+        click.echo("pybuild: error: out of memory", err=True)
+        return 1
+    except Exception as exc:  # the boundary: anything else is a pybuild bug, said in one line
+        if _debug:
+            traceback.print_exc()
+        where = "" if _debug else "\nhint: run again with --debug (or PYBUILD_DEBUG=1) to see where, and report it"
+        click.echo(f"pybuild: error: internal error: {type(exc).__name__}: {exc}{where}", err=True)
+        return 1
     return 0
+
+
+def os_error(exc: OSError, written: list[Path] | None = None) -> PybuildError:
+    """An operating system error the code did not turn into a message of its own, named by its path.
+
+    ``written``: where the command writes (the store, outputs); a full disk without a path names the
+    one of them with the least room.
+    """
+    paths = " -> ".join(str(name) for name in (exc.filename, exc.filename2) if name is not None)
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if not paths and written:
+            paths = str(min(written, key=_free_space))
+        return PybuildError(f"no space left on the device{' for ' + paths if paths else ''}",
+                            hint="free some space (`pybuild prune` frees what no image uses) and build again")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PybuildError(f"{paths or 'an operation'}: {reason}",
+                            hint="check the permissions of that path and of the directories above it")
+    if exc.errno == errno.ENOENT and paths and "/" not in str(exc.filename):
+        return PybuildError(f"{paths}: command not found", hint=f"install {exc.filename}")
+    return PybuildError(f"{paths}: {reason}" if paths else reason)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from pathlib import Path
 import zstandard
 
 from builder.context import BuildContext, PathMatcher, SourceMatch, SourceTree, has_wildcards, resolve_in_root
+from builder.namespace import check_mapped
 from builder.untar import extract_tar, open_archive
 from parser.errors import PybuildError
 
@@ -68,6 +69,8 @@ def make_directory(root: Path, path: str, *, owner: tuple[int, int] | None = Non
     """``mkdir -p`` inside ``root``: missing directories get mode 0755 and ``owner``. Returns the host path."""
     root = Path(root)
     real = resolve_in_root(root, path)
+    if owner is not None:
+        check_mapped(*owner, f"directory {path}")
     current = root
     for name in real.relative_to(root).parts:
         current = current / name
@@ -91,6 +94,8 @@ class _Placer:
 
     def __init__(self, root: Path, *, verb: str, owner: tuple[int, int] | None, mode: int | None,
                  copy_xattrs: bool) -> None:
+        if owner is not None:
+            check_mapped(*owner, f"{verb} --chown")
         self.root = Path(root)
         self.verb = verb
         self.owner = owner

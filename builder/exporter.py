@@ -7,6 +7,7 @@ docker's ``manifest.json``. Every member has mtime 0, owner 0:0, no user names a
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -30,6 +31,7 @@ from builder.image import (
 )
 from builder.store import CONTAINERD_NAME_ANNOTATION, OCI_LAYOUT, ImageStore, atomic_file, full_name, normalize_name
 from builder.untar import extract_tar, open_layer
+from parser.errors import PybuildError
 
 
 class _HashingReader:
@@ -115,7 +117,12 @@ def _add_blob(store: ImageStore, archive: tarfile.TarFile, digest: str, sizes: d
 def write_rootfs(store: ImageStore, image: Image, dest: Path) -> None:
     """Flatten the image's layers into ``dest``, applying each layer's whiteouts to those below it."""
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        if not os.access(dest, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as exc:
+        raise PybuildError(f"cannot write the output directory {dest}: {exc.strerror}") from None
     for layer in image.layers:
         with store.blobs.open(layer.digest) as file:
             extract_tar(open_layer(file), dest, whiteouts="apply", label=f"layer {layer.digest}")

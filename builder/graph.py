@@ -194,7 +194,9 @@ def build_graph(dockerfile: Dockerfile, build_args: Mapping[str, str], target: s
         if index not in needed:
             needed.add(index)
             pending.extend(stages[index].depends_on)
-    unused = tuple(sorted(name for name in build_args if name not in used_args and name not in PREDEFINED_ARGS))
+    # SOURCE_DATE_EPOCH is read by pybuild itself (it sets the image's times), as BuildKit reads it.
+    unused = tuple(sorted(name for name in build_args if name not in used_args and name not in PREDEFINED_ARGS
+                          and name != "SOURCE_DATE_EPOCH"))
     return BuildGraph(dockerfile, tuple(stages), target_index, tuple(sorted(needed)), tuple(global_args), unused)
 
 

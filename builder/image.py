@@ -1,13 +1,15 @@
 """An image as plain values (config, layers, history) and its OCI JSON: config, manifest, index.
 
 The JSON is written deterministically (fixed key order, no whitespace) so the same build gives
-the same digests.
+the same digests. JSON read back (from archives, layouts, the store) has every field's type checked:
+a malformed document is a one-line PybuildError that names it, never a TypeError further on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -25,6 +27,7 @@ DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 REF_NAME_ANNOTATION = "org.opencontainers.image.ref.name"
+DIGEST_PATTERN = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def sha256_digest(data: bytes) -> str:
@@ -72,13 +75,28 @@ class Descriptor:
         return out
 
     @classmethod
-    def from_json(cls, value: dict[str, Any]) -> Descriptor:
+    def from_json(cls, value: Any, label: str = "descriptor") -> Descriptor:
+        """Read a descriptor, checking every field's type; ``label`` names it in errors."""
+        value = json_object(value, label)
+        digest = value.get("digest")
+        if not isinstance(digest, str) or not DIGEST_PATTERN.fullmatch(digest):
+            given = f"{digest!r:.80}" if isinstance(digest, str) else _json_type(digest)
+            raise PybuildError(f'{label}: "digest" must be "sha256:" and 64 lowercase hex digits, not {given}')
+        size = value.get("size")
+        if not _is_int(size) or size < 0:
+            given = str(size) if _is_int(size) else _json_type(size)
+            raise PybuildError(f'{label}: "size" must be a non-negative integer, not {given}')
+        platform = _optional_object(value, "platform", label)
+        for key in ("os", "architecture", "variant"):
+            if not isinstance(platform.get(key, ""), str):
+                raise PybuildError(f'{label}: "platform.{key}" must be a string')
         return cls(
-            media_type=value.get("mediaType", ""),
-            digest=value["digest"],
-            size=int(value["size"]),
-            annotations=tuple((value.get("annotations") or {}).items()),
-            platform=tuple((value.get("platform") or {}).items()),
+            media_type=_optional_string(value, "mediaType", label),
+            digest=digest,
+            size=size,
+            annotations=_string_map(value, "annotations", label),
+            # Only the string fields (os, architecture, variant, os.version) matter here; os.features lists do not.
+            platform=tuple((key, item) for key, item in platform.items() if isinstance(item, str)),
         )
 
 
@@ -222,64 +240,192 @@ def config_json(image: Image) -> bytes:
     return canonical_json(value)
 
 
-def _strings(value: Any) -> tuple[str, ...] | None:
-    return None if value is None else tuple(str(item) for item in value)
-
-
-def image_from_config(config: bytes, layers: tuple[Layer, ...]) -> Image:
-    """Read an OCI or Docker image config blob; ``layers`` come from the manifest, bottom-up."""
+def parse_json(data: bytes, label: str) -> Any:
+    """A JSON document from outside pybuild (an archive, a layout, the store), or a PybuildError naming it."""
     try:
-        value = json.loads(config)
-    except ValueError as exc:
-        raise PybuildError(f"image config is not valid JSON: {exc}") from None
-    section = value.get("config") or {}
-    health = section.get("Healthcheck")
-    diff_ids = (value.get("rootfs") or {}).get("diff_ids") or []
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise PybuildError(f"{label} is not valid JSON: {str(exc)[:200]}") from None
+
+
+def json_object(value: Any, label: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PybuildError(f"{label} must be a JSON object, not {_json_type(value)}")
+    return value
+
+
+def _optional_object(value: dict[str, Any], key: str, label: str) -> dict[str, Any]:
+    item = value.get(key)
+    return {} if item is None else json_object(item, f'{label}: "{key}"')
+
+
+def _json_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (str, "a string"), (int, "a number"), (float, "a number"),
+                       (list, "a list"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_string(value: dict[str, Any], key: str, label: str) -> str:
+    item = value.get(key)
+    if item is None:
+        return ""
+    if not isinstance(item, str):
+        raise PybuildError(f'{label}: "{key}" must be a string, not {_json_type(item)}')
+    return item
+
+
+def _string_list(value: dict[str, Any], key: str, label: str) -> tuple[str, ...] | None:
+    item = value.get(key)
+    if item is None:
+        return None
+    if not isinstance(item, list) or not all(isinstance(entry, str) for entry in item):
+        raise PybuildError(f'{label}: "{key}" must be a list of strings')
+    return tuple(item)
+
+
+def _string_map(value: dict[str, Any], key: str, label: str) -> tuple[tuple[str, str], ...]:
+    item = value.get(key)
+    if item is None:
+        return ()
+    if not isinstance(item, dict) or not all(isinstance(entry, str) for entry in item.values()):
+        raise PybuildError(f'{label}: "{key}" must be an object of strings')
+    return tuple(item.items())
+
+
+def _key_set(value: dict[str, Any], key: str, label: str) -> tuple[str, ...]:
+    """Docker's sets (ExposedPorts, Volumes): an object whose keys matter and whose values are empty objects."""
+    item = value.get(key)
+    if item is None:
+        return ()
+    if not isinstance(item, dict) or not all(isinstance(entry, dict) for entry in item.values()):
+        raise PybuildError(f'{label}: "{key}" must be an object of objects')
+    return tuple(item)
+
+
+def _duration(value: dict[str, Any], key: str, label: str) -> int:
+    item = value.get(key)
+    if item is None:
+        return 0
+    if not _is_int(item) or item < 0:
+        raise PybuildError(f'{label}: "Healthcheck.{key}" must be a non-negative integer')
+    return item
+
+
+def _healthcheck(section: dict[str, Any], label: str) -> Healthcheck | None:
+    if section.get("Healthcheck") is None:
+        return None
+    health = _optional_object(section, "Healthcheck", label)
+    return Healthcheck(
+        test=_string_list(health, "Test", f'{label}: "Healthcheck"') or (),
+        interval=_duration(health, "Interval", label),
+        timeout=_duration(health, "Timeout", label),
+        start_period=_duration(health, "StartPeriod", label),
+        start_interval=_duration(health, "StartInterval", label),
+        retries=_duration(health, "Retries", label),
+    )
+
+
+def _history(value: dict[str, Any], label: str) -> tuple[History, ...]:
+    items = value.get("history")
+    if items is None:
+        return ()
+    if not isinstance(items, list):
+        raise PybuildError(f'{label}: "history" must be a list')
+    history = []
+    for number, item in enumerate(items):
+        where = f"{label}: history entry {number}"
+        item = json_object(item, where)
+        empty_layer = item.get("empty_layer")
+        if empty_layer is not None and not isinstance(empty_layer, bool):
+            raise PybuildError(f'{where}: "empty_layer" must be true or false')
+        history.append(History(created_by=_optional_string(item, "created_by", where), empty_layer=bool(empty_layer),
+                               created=_optional_string(item, "created", where),
+                               comment=_optional_string(item, "comment", where)))
+    return tuple(history)
+
+
+def _diff_ids(value: dict[str, Any], label: str) -> list[str]:
+    rootfs = json_object(value.get("rootfs"), f'{label}: "rootfs"')
+    if rootfs.get("type", "layers") != "layers":
+        raise PybuildError(f'{label}: "rootfs.type" must be "layers"')
+    diff_ids = rootfs.get("diff_ids")
+    if diff_ids is None:
+        return []
+    if not isinstance(diff_ids, list) or not all(
+            isinstance(diff_id, str) and DIGEST_PATTERN.fullmatch(diff_id) for diff_id in diff_ids):
+        raise PybuildError(f'{label}: "rootfs.diff_ids" must be a list of sha256 digests')
+    return diff_ids
+
+
+def image_from_config(config: bytes, layers: tuple[Layer, ...], label: str = "image config") -> Image:
+    """Read an OCI or Docker image config blob; ``layers`` come from the manifest, bottom-up.
+
+    Every field is checked for its type, so a malformed config is a PybuildError whose message
+    starts with ``label`` (which names the config and where it came from).
+    """
+    value = json_object(parse_json(config, label), label)
+    section = _optional_object(value, "config", label)
+    diff_ids = _diff_ids(value, label)
     if len(diff_ids) != len(layers):
-        raise PybuildError(f"image config lists {len(diff_ids)} layers but its manifest has {len(layers)}")
+        raise PybuildError(f"{label}: it lists {len(diff_ids)} layers but its manifest has {len(layers)}")
     layers = tuple(replace(layer, diff_id=diff_id) for layer, diff_id in zip(layers, diff_ids, strict=True))
     env = []
-    for item in section.get("Env") or []:
-        key, _, val = str(item).partition("=")
+    for item in _string_list(section, "Env", label) or ():
+        key, _, val = item.partition("=")
         env.append((key, val))
     return Image(
         config=ImageConfig(
             env=tuple(env),
-            cmd=_strings(section.get("Cmd")),
-            entrypoint=_strings(section.get("Entrypoint")),
-            working_dir=section.get("WorkingDir") or "",
-            user=section.get("User") or "",
-            exposed_ports=tuple(section.get("ExposedPorts") or {}),
-            volumes=tuple(section.get("Volumes") or {}),
-            labels=tuple(sorted((section.get("Labels") or {}).items())),
-            stop_signal=section.get("StopSignal") or "",
-            healthcheck=None if health is None else Healthcheck(
-                test=tuple(health.get("Test") or ()),
-                interval=int(health.get("Interval") or 0),
-                timeout=int(health.get("Timeout") or 0),
-                start_period=int(health.get("StartPeriod") or 0),
-                start_interval=int(health.get("StartInterval") or 0),
-                retries=int(health.get("Retries") or 0),
-            ),
-            on_build=tuple(section.get("OnBuild") or ()),
-            shell=_strings(section.get("Shell")),
+            cmd=_string_list(section, "Cmd", label),
+            entrypoint=_string_list(section, "Entrypoint", label),
+            working_dir=_optional_string(section, "WorkingDir", label),
+            user=_optional_string(section, "User", label),
+            exposed_ports=_key_set(section, "ExposedPorts", label),
+            volumes=_key_set(section, "Volumes", label),
+            labels=tuple(sorted(_string_map(section, "Labels", label))),
+            stop_signal=_optional_string(section, "StopSignal", label),
+            healthcheck=_healthcheck(section, label),
+            on_build=_string_list(section, "OnBuild", label) or (),
+            shell=_string_list(section, "Shell", label),
         ),
         layers=layers,
-        history=tuple(
-            History(
-                created_by=item.get("created_by", ""),
-                empty_layer=bool(item.get("empty_layer")),
-                created=item.get("created", ""),
-                comment=item.get("comment", ""),
-            )
-            for item in value.get("history") or []
-        ),
-        os=value.get("os", "linux"),
-        architecture=value.get("architecture", "amd64"),
-        variant=value.get("variant", ""),
-        created=value.get("created", ""),
-        author=value.get("author", ""),
+        history=_history(value, label),
+        os=_optional_string(value, "os", label) or "linux",
+        architecture=_optional_string(value, "architecture", label) or "amd64",
+        variant=_optional_string(value, "variant", label),
+        created=_optional_string(value, "created", label),
+        author=_optional_string(value, "author", label),
     )
+
+
+def manifest_from_json(data: bytes, label: str) -> tuple[str, Descriptor, tuple[Descriptor, ...]]:
+    """An image manifest's own media type (empty when it states none), its config and its layer descriptors."""
+    value = json_object(parse_json(data, label), label)
+    layers = value.get("layers")
+    if layers is None:
+        layers = []
+    if not isinstance(layers, list):
+        raise PybuildError(f'{label}: "layers" must be a list of descriptors, not {_json_type(layers)}')
+    return (_optional_string(value, "mediaType", label), Descriptor.from_json(value.get("config"), f"{label}: config"),
+            tuple(Descriptor.from_json(item, f"{label}: layer {number}") for number, item in enumerate(layers)))
+
+
+def index_from_json(data: bytes, label: str) -> tuple[Descriptor, ...]:
+    """The descriptors an image index (or an OCI layout's index.json) lists."""
+    value = json_object(parse_json(data, label), label)
+    _optional_string(value, "mediaType", label)
+    manifests = value.get("manifests")
+    if manifests is None:
+        manifests = []
+    if not isinstance(manifests, list):
+        raise PybuildError(f'{label}: "manifests" must be a list of descriptors, not {_json_type(manifests)}')
+    return tuple(Descriptor.from_json(item, f"{label}: entry {number}") for number, item in enumerate(manifests))
 
 
 def manifest_json(config: Descriptor, layers: tuple[Layer, ...],

@@ -6,7 +6,6 @@ import errno
 import os
 import pwd
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +21,21 @@ INITIAL_MAP = [(0, 0, 4294967295)]
 class BuildNamespace:
     """What the build may do in its namespace.
 
-    ``id_ranges`` counts the user ids that exist (1 means only root, so USER must be root);
-    ``overlay_userxattr`` is set when overlay must keep its metadata in user.* xattrs, as it does
-    whenever it is mounted inside a user namespace.
+    ``id_ranges`` and ``gid_ranges`` count the user and group ids that exist (1 means only root, so
+    USER must be root); ``overlay_userxattr`` is set when overlay must keep its metadata in user.*
+    xattrs, as it does whenever it is mounted inside a user namespace; ``missing_ids`` says, when only
+    root exists, why and how to get more.
     """
 
     rootless: bool
     id_ranges: int
     overlay_userxattr: bool
+    gid_ranges: int = 0
+    missing_ids: str | None = None
+
+
+class UnmappedId(PybuildError):
+    """An image or instruction needs a user or group id this rootless build does not have."""
 
 
 _entered: BuildNamespace | None = None
@@ -45,10 +51,11 @@ def enter_build_namespace() -> BuildNamespace:
     global _entered
     if _entered is not None:
         return _entered
+    missing_ids = None
     if os.geteuid() == 0:
         _unshare(linux.CLONE_NEWNS, "a mount namespace")
     else:
-        _enter_user_namespace()
+        missing_ids = _enter_user_namespace()
     # Mounts copied from the parent namespace may propagate back; cut every link.
     try:
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
@@ -57,10 +64,27 @@ def enter_build_namespace() -> BuildNamespace:
             raise PybuildError(f"cannot make the build's mounts private: {error.strerror}") from None
         _make_visible_mounts_private()
     ids = read_id_map(Path("/proc/self/uid_map"))
+    gids = read_id_map(Path("/proc/self/gid_map"))
     in_user_namespace = ids != INITIAL_MAP
     _entered = BuildNamespace(rootless=in_user_namespace, id_ranges=sum(count for _, _, count in ids),
-                              overlay_userxattr=in_user_namespace)
+                              overlay_userxattr=in_user_namespace, gid_ranges=sum(count for _, _, count in gids),
+                              missing_ids=missing_ids)
     return _entered
+
+
+def check_mapped(uid: int, gid: int, what: str) -> None:
+    """Fail with the remedy when ``what`` needs a uid or gid the build's user namespace does not map.
+
+    Without this the kernel's answer is a bare EINVAL from chown, which says nothing of the cause.
+    """
+    namespace = _entered
+    if namespace is None or not namespace.rootless:
+        return
+    for kind, number, count in (("uid", uid, namespace.id_ranges), ("gid", gid, namespace.gid_ranges)):
+        if number >= count:
+            mapped = "only root (0)" if count == 1 else f"only ids 0 to {count - 1}"
+            raise UnmappedId(f"{what} needs {kind} {number}, but this rootless build maps {mapped}",
+                             hint=namespace.missing_ids or "widen your user's ranges in /etc/subuid and /etc/subgid")
 
 
 def _make_visible_mounts_private() -> None:
@@ -100,7 +124,8 @@ def subordinate_ranges(path: Path, user: str | None, uid: int) -> list[tuple[int
     return ranges
 
 
-def _enter_user_namespace() -> None:
+def _enter_user_namespace() -> str | None:
+    """Become root of a new user namespace; returns why only root exists in it, with the remedy, or None."""
     uid, gid = os.getuid(), os.getgid()
     try:
         user = pwd.getpwuid(uid).pw_name
@@ -112,12 +137,20 @@ def _enter_user_namespace() -> None:
     if uid_ranges and gid_ranges and all(tools):
         _map_with_helper([tools[0], str(os.getpid()), *_map_arguments(uid, uid_ranges)],
                          [tools[1], str(os.getpid()), *_map_arguments(gid, gid_ranges)])
-        return
+        return None
+    if uid_ranges and gid_ranges:
+        missing = ("newuidmap and newgidmap are not installed: install them (Debian: apt-get install uidmap) "
+                   f"so pybuild can use your ranges in {SUBUID} and {SUBGID}")
+    else:
+        name = user or str(uid)
+        missing = (f"your user {name} has no range in {SUBUID} and {SUBGID}: as root, add one no other user has, "
+                   f"e.g. usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {name}")
     _unshare(linux.CLONE_NEWUSER | linux.CLONE_NEWNS, "a user namespace")
     # Without the setuid helpers an unprivileged process may map only itself, and only after giving up setgroups.
     Path("/proc/self/setgroups").write_text("deny")
     Path("/proc/self/uid_map").write_text(f"0 {uid} 1\n")
     Path("/proc/self/gid_map").write_text(f"0 {gid} 1\n")
+    return missing
 
 
 def _map_arguments(own_id: int, ranges: list[tuple[int, int]]) -> list[str]:
@@ -132,6 +165,8 @@ def _map_arguments(own_id: int, ranges: list[tuple[int, int]]) -> list[str]:
 
 def _map_with_helper(uid_command: list[str], gid_command: list[str]) -> None:
     """Unshare, and have a child forked beforehand (so still outside) write our maps with the setuid tools."""
+    import subprocess  # only rootless builds with subordinate ids pay for it
+
     go_r, go_w = os.pipe()
     report_r, report_w = os.pipe()
     helper = os.fork()

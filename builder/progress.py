@@ -7,15 +7,40 @@ threads (stages build concurrently), so each one serializes its own output.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import threading
 import time
+import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
 TAIL_LINES = 6
+# What a terminal would act on instead of showing: escape sequences and other control characters.
+_CONTROL = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def fit(text: str, width: int) -> str:
+    """``text`` as it can be drawn on one terminal row of ``width`` cells, never wrapping.
+
+    The live view moves the cursor up by the rows it drew: a row that wrapped would leave its
+    first part on the screen at every redraw. Tabs are expanded, control characters dropped, wide
+    (East Asian) characters count as two cells, and the last cell stays empty.
+    """
+    text = _CONTROL.sub("", text.expandtabs(8))
+    room = max(width - 1, 1)
+    if len(text) <= room // 2:
+        return text  # short enough whatever its characters
+    out, used = [], 0
+    for char in text:
+        cells = 2 if unicodedata.east_asian_width(char) in "WF" else 0 if unicodedata.combining(char) else 1
+        if used + cells > room:
+            break
+        out.append(char)
+        used += cells
+    return "".join(out)
 
 
 @dataclass
@@ -176,11 +201,11 @@ class TerminalProgress(Progress):
         for step in self.steps:
             seconds = (step.finished or now) - step.started
             state = {"running": "", "done": "DONE", "cached": "CACHED", "error": "ERROR"}[step.state].rjust(7)
-            head = f" => {step.name}"
             tail = f"{seconds:5.1f}s{state}"
-            lines.append(head[: max(10, width - len(tail) - 2)].ljust(width - len(tail) - 1) + tail)
+            head = fit(f" => {step.name}", width - len(tail) - 1)
+            lines.append(fit(head + " " * (width - 1 - len(tail) - _cells(head)) + tail, width))
             if step.state in ("running", "error"):
-                lines.extend(f" => > {text}"[:width - 1] for text in step.tail)
+                lines.extend(fit(f" => > {text}", width) for text in step.tail)
         out = "\x1b[1A\x1b[2K" * self.drawn + "\r" + "\n".join(line + "\x1b[K" for line in lines) + "\n"
         self.stream.write(out if self.drawn else out.replace("\r", "", 1))
         self.stream.flush()
@@ -203,13 +228,20 @@ class TerminalProgress(Progress):
         self.drawn = 0
         for name in names:
             self.stream.write(f" => naming to {name}\n")
-        self.stream.write(f" => image {image_id} manifest {manifest_digest}\n")
+        line = f" => image {image_id} manifest {manifest_digest}"
+        if len(line) >= shutil.get_terminal_size((100, 20)).columns:
+            line = f" => image {image_id}\n => manifest {manifest_digest}"  # whole digests, each on its own row
+        self.stream.write(line + "\n")
         self.stream.flush()
 
     def _close(self) -> None:
         self.done.set()
         if self.drawn:
             self._draw()
+
+
+def _cells(text: str) -> int:
+    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
 
 
 def make_progress(mode: str) -> Progress:

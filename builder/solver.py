@@ -22,13 +22,15 @@ from pathlib import Path
 
 from builder import image as oci
 from builder import sandbox
+from builder.checks import check_mount, check_network
 from builder.graph import PREDEFINED_ARGS, BuildGraph, Stage, host_platform, platform_args
 from builder.linux import mark_top_directory
+from builder.namespace import UnmappedId, check_mapped
 from builder.pending_layers import PendingLayers
 from builder.progress import Progress
 from builder.steps import STEPS, StageState, describe, heredoc_body, scratch_state
 from parser.errors import PybuildError
-from parser.flags import Mount
+from parser.flags import Mount, mount_id, mount_mode, mount_size
 from parser.instructions import Add, Copy, Instruction, Run, parse
 
 IMAGE_CONTEXT_PREFIXES = ("docker-image://", "oci-layout:", "oci-archive:")
@@ -212,6 +214,11 @@ class StepContext:
                 raise PybuildError(f"{type(instruction).__name__.upper()} is not supported here",
                                    instruction.location)
             state = handler(self, state, instruction)
+        except PybuildError as exc:
+            progress.step_finished(self.current_step, "error")
+            if exc.location is None:  # what failed is this instruction: point at it
+                raise type(exc)(exc.message, instruction.location, hint=exc.hint, exit_code=exc.exit_code) from None
+            raise
         except BaseException:
             progress.step_finished(self.current_step, "error")
             raise
@@ -368,13 +375,7 @@ class StepContext:
         from builder.copy import container_path, copy_into, write_inline
         from builder.users import resolve_chown
 
-        is_add = isinstance(expanded, Add)
-        if is_add and expanded.unpack is not None:
-            raise PybuildError("ADD --unpack is not supported by pybuild yet", instruction.location)
-        inline = len(expanded.source_contents)
-        if inline and inline + len(expanded.sources) > 1 and not expanded.dest.endswith("/"):
-            raise PybuildError(f"{type(expanded).__name__.upper()} with more than one source needs a "
-                               "destination directory ending in /", instruction.location)
+        is_add = isinstance(expanded, Add)  # do_copy has checked the flags and destination (builder.checks)
         from_ = expanded.from_ if isinstance(expanded, Copy) else None
         workdir = state.image.config.working_dir or "/"
         below = oci.Image() if expanded.link else state.image  # --link: a layer independent of what is below
@@ -404,12 +405,10 @@ class StepContext:
     def run(self, state: StageState, instruction: Run, argv: tuple[str, ...], created_by: str,
             mounts: tuple[Mount, ...], network: str | None,
             scripts: tuple[tuple[str, bytes], ...] = ()) -> StageState:
-        from builder.users import resolve_user
+        from builder.users import resolve_user, user_home
 
         network = network or self.solver.options.network
-        if network not in ("default", "none", "host"):
-            raise PybuildError(f"RUN --network={network} is not supported (use default, none or host)",
-                               instruction.location)
+        check_network(network, instruction.location)
         progress = self.solver.progress
         step = self.current_step
 
@@ -418,9 +417,14 @@ class StepContext:
 
             config = state.image.config
             ids = resolve_user(root, config.user)
+            check_mapped(ids.uid, ids.gid, f"USER {config.user}")
             cwd = config.working_dir or "/"
             make_directory(root, cwd)
-            env = dict(state.run_env())
+            # Neither goes into the image's Env or the history: HOME as runc fills it in for BuildKit,
+            # SOURCE_DATE_EPOCH because layers clamp file times to it, so tools that honour it (Python's
+            # compileall writes hash-based .pyc) leave output that stays valid after clamping.
+            env = dict(state.run_env({"HOME": user_home(root, ids.uid),
+                                      "SOURCE_DATE_EPOCH": str(self.solver.options.source_date_epoch)}))
             with contextlib.ExitStack() as stack:
                 sandbox_mounts = [self._sandbox_mount(stack, mount, env, instruction) for mount in mounts]
                 spec = sandbox.SandboxSpec(
@@ -443,7 +447,8 @@ class StepContext:
 
     def _sandbox_mount(self, stack: contextlib.ExitStack, mount: Mount, env: dict[str, str],
                        instruction: Run):
-        kind = mount.type or "bind"
+        check_mount(mount, instruction.location)
+        kind = mount.type
         if kind == "bind":
             from builder.context import BuildContext, PathEscape, SourceTree, resolve_in_root
 
@@ -479,25 +484,26 @@ class StepContext:
                     path = Path(shutil.copy2(path, scratch / "file"))
             return sandbox.BindMount(source=path, target=_absolute(mount.target), readonly=not writable)
         if kind == "tmpfs":
-            return sandbox.TmpfsMount(target=_absolute(mount.target), size=int(mount.size) if mount.size else None)
-        if kind == "secret":
-            secret_id = mount.id or posixpath.basename((mount.target or "").rstrip("/"))
-            source_spec = self.solver.options.secrets.get(secret_id)
-            if source_spec is None:
-                if mount.required:
-                    raise PybuildError(f"secret {secret_id!r} is required but was not given with --secret",
-                                       instruction.location)
+            size = mount_size(mount.size) if mount.size is not None else None
+            return sandbox.TmpfsMount(target=_absolute(mount.target), size=size)
+        # A secret: the last of the types check_mount lets through.
+        secret_id = mount.id or posixpath.basename((mount.target or "").rstrip("/"))
+        source_spec = self.solver.options.secrets.get(secret_id)
+        if source_spec is None:
+            if mount.required:
+                raise PybuildError(f"secret {secret_id!r} is required but was not given with --secret",
+                                   instruction.location)
+            return None
+        value = source_spec.read()
+        if mount.env:
+            env[mount.env] = value.decode()
+            if not mount.target:
                 return None
-            value = source_spec.read()
-            if mount.env:
-                env[mount.env] = value.decode()
-                if not mount.target:
-                    return None
-            return sandbox.SecretMount(source=None, content=value,
-                                       target=mount.target or f"/run/secrets/{secret_id}",
-                                       mode=int(mount.mode, 8) if mount.mode else 0o400,
-                                       uid=int(mount.uid or 0), gid=int(mount.gid or 0))
-        raise PybuildError(f"RUN --mount=type={kind} is not supported by pybuild yet", instruction.location)
+        return sandbox.SecretMount(source=None, content=value,
+                                   target=mount.target or f"/run/secrets/{secret_id}",
+                                   mode=mount_mode(mount.mode) if mount.mode is not None else 0o400,
+                                   uid=mount_id("uid", mount.uid) if mount.uid is not None else 0,
+                                   gid=mount_id("gid", mount.gid) if mount.gid is not None else 0)
 
 
 def unpack_layers(snapshots, blobs, image: oci.Image) -> None:
@@ -507,10 +513,16 @@ def unpack_layers(snapshots, blobs, image: oci.Image) -> None:
             blob = blobs.path(layer.digest)
             try:
                 snapshots.unpack(layer.diff_id, blob)
+            except UnmappedId:
+                raise  # the blob is fine: the build's user namespace is too small for it
             except PybuildError as exc:
-                raise PybuildError(f"cannot unpack layer blob {layer.digest}: {exc.message}",
-                                   hint=f"if the blob is damaged, remove {blob} and load or build the image "
-                                        "again") from None
+                try:
+                    blobs.verify(layer.digest)
+                except PybuildError:
+                    hint = f"the blob is damaged: remove {blob} and load or build the image again"
+                else:  # intact as its source made it: loading it again would fail the same way
+                    hint = "the layer is as its image's source made it: that image is malformed"
+                raise PybuildError(f"cannot unpack layer blob {layer.digest}: {exc.message}", hint=hint) from None
 
 
 def _replicate_directories(view: Path, layer_dir: Path, path: Path) -> None:

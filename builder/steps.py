@@ -7,12 +7,13 @@ RUN and WORKDIR ask the step context (the solver) to change the filesystem.
 from __future__ import annotations
 
 import posixpath
-import re
-from collections.abc import Callable
+import unicodedata
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from builder import image as oci
+from builder.checks import check_copy, check_run, check_signal, exposed_ports
 from builder.graph import PREDEFINED_ARGS
 from builder.sandbox import HEREDOC_SCRIPT_DIR
 from parser.errors import PybuildError
@@ -37,6 +38,7 @@ from parser.instructions import (
     User,
     Volume,
     Workdir,
+    lone_heredoc,
 )
 from parser.lines import Heredoc
 
@@ -61,9 +63,10 @@ class StageState:
         env.update(self.image.config.env)
         return env
 
-    def run_env(self) -> tuple[tuple[str, str], ...]:
+    def run_env(self, defaults: Mapping[str, str] | None = None) -> tuple[tuple[str, str], ...]:
+        """A RUN step's env: the image's Env, then the ARGs in scope, then ``defaults`` for what neither sets."""
         env = dict(self.image.config.env)
-        for name, value in self.args:
+        for name, value in (*self.args, *(defaults or {}).items()):
             env.setdefault(name, value)
         return tuple(env.items())
 
@@ -91,6 +94,61 @@ def describe(instruction: Instruction) -> str:
     return " ".join(instruction.original.split()) if "\n" not in instruction.original else instruction.original
 
 
+# History text as BuildKit writes it, with Go's fmt verbs: %v of a string list is ``[a b]``, %q is
+# ``["a" "b"]`` with each string quoted as Go's strconv.Quote does, and a duration prints as ``1m30s``.
+
+_GO_ESCAPES = {"\a": "\\a", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t",
+               "\v": "\\v", '"': '\\"', "\\": "\\\\"}
+
+
+def go_quote(text: str) -> str:
+    """``text`` as Go's %q writes a string: printable characters as they are, the rest escaped."""
+    out = []
+    for character in text:
+        code = ord(character)
+        if character in _GO_ESCAPES:
+            out.append(_GO_ESCAPES[character])
+        elif character == " " or (code > 0x20 and unicodedata.category(character)[0] in "LMNPS"):
+            out.append(character)
+        elif code < 0x80:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return '"' + "".join(out) + '"'
+
+
+def go_list(items: tuple[str, ...] | list[str], *, quoted: bool = False) -> str:
+    """A list of strings as Go's %v (``[a b]``) or, with ``quoted``, %q (``["a" "b"]``) writes it."""
+    return "[" + " ".join(go_quote(item) if quoted else item for item in items) + "]"
+
+
+def go_duration(nanoseconds: int) -> str:
+    """A duration as Go's time.Duration prints it: ``0s``, ``500ms``, ``1.5s``, ``1m30s``, ``1h0m0s``."""
+    sign, value = ("-" if nanoseconds < 0 else ""), abs(nanoseconds)
+    if value == 0:
+        return "0s"
+    if value < 10**9:
+        for limit, unit, scale in ((10**3, "ns", 1), (10**6, "µs", 10**3), (10**9, "ms", 10**6)):
+            if value < limit:
+                return sign + _decimal(value, scale) + unit
+    text = _decimal(value % (60 * 10**9), 10**9) + "s"
+    minutes = value // (60 * 10**9)
+    if minutes:
+        text = f"{minutes % 60}m" + text
+        if minutes >= 60:
+            text = f"{minutes // 60}h" + text
+    return sign + text
+
+
+def _decimal(value: int, scale: int) -> str:
+    whole, fraction = divmod(value, scale)
+    if not fraction:
+        return str(whole)
+    return f"{whole}." + str(fraction).rjust(len(str(scale)) - 1, "0").rstrip("0")
+
+
 def do_env(ctx: StepContext, state: StageState, instruction: Env) -> StageState:
     expanded = _expanded(state, instruction, ctx.escape)
     config = state.image.config
@@ -111,6 +169,7 @@ def do_label(ctx: StepContext, state: StageState, instruction: Label) -> StageSt
 
 def do_arg(ctx: StepContext, state: StageState, instruction: Arg) -> StageState:
     args = dict(state.args)
+    words = []
     for definition in _expanded(state, instruction, ctx.escape).args:
         if definition.name in ctx.build_args:
             value: str | None = ctx.build_args[definition.name]
@@ -121,38 +180,30 @@ def do_arg(ctx: StepContext, state: StageState, instruction: Arg) -> StageState:
         if value is not None:
             args.pop(definition.name, None)
             args[definition.name] = value
-    return replace(state, args=tuple(args.items()))
+        words.append(definition.name if value is None else f"{definition.name}={value}")
+    state = replace(state, args=tuple(args.items()))
+    return replace(state, image=state.image.add_history(state.history(f"ARG {' '.join(words)}", empty_layer=True)))
 
 
 def do_expose(ctx: StepContext, state: StageState, instruction: Expose) -> StageState:
     ports = list(state.image.config.exposed_ports)
-    for word in _expanded(state, instruction, ctx.escape).ports:
-        for port in _ports(word, instruction):
-            if port not in ports:
-                ports.append(port)
-    return state.with_config(f"EXPOSE {' '.join(instruction.ports)}", exposed_ports=tuple(ports))
-
-
-def _ports(word: str, instruction: Instruction) -> list[str]:
-    """``80``, ``80/udp``, ``8000-8002/tcp`` in docker's normalized ``port/proto`` form."""
-    match = re.fullmatch(r"(?:[0-9.]*:)?(\d+)(?:-(\d+))?(?:/(tcp|udp|sctp))?", word, re.IGNORECASE)
-    if match is None:
-        raise PybuildError(f"EXPOSE: invalid port {word!r} (expected PORT, PORT/PROTO or FROM-TO/PROTO)",
-                           instruction.location)
-    first, last, proto = int(match[1]), int(match[2] or match[1]), (match[3] or "tcp").lower()
-    if not 0 < first <= last <= 65535:
-        raise PybuildError(f"EXPOSE: invalid port range {word!r}", instruction.location)
-    return [f"{port}/{proto}" for port in range(first, last + 1)]
+    given = [port for word in _expanded(state, instruction, ctx.escape).ports
+             for port in exposed_ports(word, instruction.location)]
+    for port in given:
+        if port not in ports:
+            ports.append(port)
+    return state.with_config(f"EXPOSE {go_list(given)}", exposed_ports=tuple(ports))
 
 
 def do_volume(ctx: StepContext, state: StageState, instruction: Volume) -> StageState:
     volumes = list(state.image.config.volumes)
-    for path in _expanded(state, instruction, ctx.escape).paths:
+    paths = _expanded(state, instruction, ctx.escape).paths
+    for path in paths:
         if not path:
             raise PybuildError("VOLUME specified can not be an empty string", instruction.location)
         if path not in volumes:
             volumes.append(path)
-    return state.with_config(f"VOLUME {list(volumes)}", volumes=tuple(volumes))
+    return state.with_config(f"VOLUME {go_list(paths)}", volumes=tuple(volumes))
 
 
 def do_user(ctx: StepContext, state: StageState, instruction: User) -> StageState:
@@ -162,8 +213,7 @@ def do_user(ctx: StepContext, state: StageState, instruction: User) -> StageStat
 
 def do_stopsignal(ctx: StepContext, state: StageState, instruction: Stopsignal) -> StageState:
     signal = _expanded(state, instruction, ctx.escape).signal
-    if not re.fullmatch(r"(SIG)?[A-Z0-9+-]+|\d+", signal):
-        raise PybuildError(f"STOPSIGNAL: invalid signal {signal!r}", instruction.location)
+    check_signal(signal, instruction.location)
     return state.with_config(f"STOPSIGNAL {signal}", stop_signal=signal)
 
 
@@ -174,12 +224,12 @@ def do_maintainer(ctx: StepContext, state: StageState, instruction: Maintainer) 
 
 
 def do_shell(ctx: StepContext, state: StageState, instruction: Shell) -> StageState:
-    return state.with_config(f"SHELL {list(instruction.args)}", shell=tuple(instruction.args))
+    return state.with_config(f"SHELL {go_list(instruction.args)}", shell=tuple(instruction.args))
 
 
 def do_cmd(ctx: StepContext, state: StageState, instruction: Cmd) -> StageState:
     cmd = shell_command(state, instruction.command)
-    new = state.with_config(f"CMD {list(cmd)}", cmd=cmd)
+    new = state.with_config(f"CMD {go_list(cmd, quoted=True)}", cmd=cmd)
     return replace(new, cmd_set=True)
 
 
@@ -187,7 +237,7 @@ def do_entrypoint(ctx: StepContext, state: StageState, instruction: Entrypoint) 
     entrypoint = shell_command(state, instruction.command)
     # Docker: an ENTRYPOINT drops a CMD inherited from the base image, but keeps one set in this stage.
     cmd = state.image.config.cmd if state.cmd_set else None
-    return state.with_config(f"ENTRYPOINT {list(entrypoint)}", entrypoint=entrypoint, cmd=cmd)
+    return state.with_config(f"ENTRYPOINT {go_list(entrypoint, quoted=True)}", entrypoint=entrypoint, cmd=cmd)
 
 
 def do_healthcheck(ctx: StepContext, state: StageState, instruction: Healthcheck) -> StageState:
@@ -199,12 +249,18 @@ def do_healthcheck(ctx: StepContext, state: StageState, instruction: Healthcheck
         check = oci.Healthcheck(test=test, interval=instruction.interval or 0, timeout=instruction.timeout or 0,
                                 start_period=instruction.start_period or 0,
                                 start_interval=instruction.start_interval or 0, retries=instruction.retries or 0)
-    return state.with_config(f"HEALTHCHECK {list(check.test)}", healthcheck=check)
+    # BuildKit writes the config's struct with Go's %+v.
+    text = (f"{{Test:{go_list(check.test)} Interval:{go_duration(check.interval)} Timeout:{go_duration(check.timeout)}"
+            f" StartPeriod:{go_duration(check.start_period)} StartInterval:{go_duration(check.start_interval)}"
+            f" Retries:{check.retries}}}")
+    return state.with_config(f"HEALTHCHECK {text}", healthcheck=check)
 
 
 def do_onbuild(ctx: StepContext, state: StageState, instruction: Onbuild) -> StageState:
+    # As in BuildKit, the trigger is kept in the config without a history entry.
     triggers = (*state.image.config.on_build, instruction.expression)
-    return state.with_config(f"ONBUILD {instruction.expression}", on_build=triggers)
+    image = replace(state.image, config=replace(state.image.config, on_build=triggers))
+    return replace(state, image=image)
 
 
 def do_workdir(ctx: StepContext, state: StageState, instruction: Workdir) -> StageState:
@@ -226,15 +282,11 @@ def heredoc_body(heredoc: Heredoc) -> str:
 def do_run(ctx: StepContext, state: StageState, instruction: Run) -> StageState:
     expanded = _expanded(state, instruction, ctx.escape)
     assert isinstance(expanded, Run)
-    if expanded.security not in (None, "sandbox"):
-        raise PybuildError(f"RUN --security={expanded.security} is not supported by pybuild",
-                           instruction.location)
-    if expanded.devices:
-        raise PybuildError("RUN --device is not supported by pybuild", instruction.location)
+    check_run(expanded)
     command = expanded.command
     scripts: tuple[tuple[str, bytes], ...] = ()
     if expanded.heredocs:
-        argv, scripts = _heredoc_argv(state, command, expanded.heredocs, instruction)
+        argv, scripts = _heredoc_argv(state, expanded)
     else:
         argv = shell_command(state, command)
     args = [(name, value) for name, value in state.args if name not in PREDEFINED_ARGS]
@@ -244,28 +296,22 @@ def do_run(ctx: StepContext, state: StageState, instruction: Run) -> StageState:
     return ctx.run(state, instruction, argv, created_by, expanded.mounts, expanded.network, scripts)
 
 
-def _heredoc_argv(state: StageState, command: Command, heredocs: tuple[Heredoc, ...],
-                  instruction: Run) -> tuple[tuple[str, ...], tuple[tuple[str, bytes], ...]]:
+def _heredoc_argv(state: StageState, run: Run) -> tuple[tuple[str, ...], tuple[tuple[str, bytes], ...]]:
     """BuildKit's rule: a lone heredoc is the script; otherwise the shell reads the heredocs itself.
 
     A lone heredoc that starts with ``#!`` becomes an executable file, /dev/pipes/<delimiter>, run as
     it is: its interpreter reads it from there, and its standard input stays the step's own. As in
     BuildKit, the ``#!`` is looked for before ``<<-`` strips tabs: a tab-indented one leaves a shell script.
     """
-    if command.exec_form:
-        raise PybuildError("RUN in exec form cannot take a heredoc", instruction.location)
-    line = command.args[0] if command.args else ""
+    heredocs = run.heredocs
     bodies = [heredoc_body(heredoc) for heredoc in heredocs]
     shell = state.image.config.shell or DEFAULT_SHELL
-    if len(heredocs) == 1 and re.fullmatch(r"\s*<<-?\s*['\"]?" + re.escape(heredocs[0].name) + r"['\"]?\s*", line):
+    if lone_heredoc(run) is not None:
         if heredocs[0].content.startswith("#!"):
-            name = heredocs[0].name
-            if "/" in name or name in ("", ".", ".."):
-                raise PybuildError(f"RUN heredoc: the delimiter {name!r} cannot name the script's file in "
-                                   f"{HEREDOC_SCRIPT_DIR}", instruction.location)
+            name = heredocs[0].name  # check_run made sure it can name a file
             return (f"{HEREDOC_SCRIPT_DIR}/{name}",), ((name, bodies[0].encode()),)
         return (*shell, bodies[0]), ()
-    script = line
+    script = run.command.args[0] if run.command.args else ""
     for heredoc, body in zip(heredocs, bodies, strict=True):
         script += "\n" + body + ("" if body.endswith("\n") or not body else "\n") + heredoc.name
     return (*shell, script), ()
@@ -274,6 +320,7 @@ def _heredoc_argv(state: StageState, command: Command, heredocs: tuple[Heredoc, 
 def do_copy(ctx: StepContext, state: StageState, instruction: Copy | Add) -> StageState:
     expanded = _expanded(state, instruction, ctx.escape)
     assert isinstance(expanded, Copy | Add)
+    check_copy(expanded)
     return ctx.copy(state, instruction, expanded)
 
 

@@ -10,7 +10,11 @@ Names are stored in docker's familiar short form, ``repository:tag``: a missing 
 so ``busybox``, ``busybox:latest``, ``localhost/busybox`` and ``docker.io/library/busybox:latest`` are
 one name. Other registries stay in the name (``quay.io/x/y:1``). References may also be
 ``name@sha256:<manifest digest>`` (the digest decides), a full ``sha256:<digest>`` of a manifest or
-config, or at least 12 hex digits of an image ID (what ``pybuild images`` shows).
+config, or any unique prefix of an image ID, as in docker. A reference that reads as a name is looked
+up as a name first, so an image named ``abc`` wins over an image whose ID starts with ``abc``.
+
+Every JSON document read from an archive, a layout or the store is checked for its types before use
+(see ``builder.image``): a malformed one is a PybuildError naming where it came from, never a traceback.
 
 index.json is only ever replaced by a rename, so readers need no lock; writers serialize their
 read-modify-write cycles with ``fcntl.flock`` on ``index.lock``.
@@ -20,8 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
+import lzma
 import os
 import posixpath
 import re
@@ -53,10 +57,15 @@ from builder.image import (
     Layer,
     config_json,
     image_from_config,
+    index_from_json,
     index_json,
+    json_object,
+    manifest_from_json,
     manifest_json,
+    parse_json,
 )
-from cache.blobs import CHUNK, BlobStore, digest_hex
+from builder.untar import BoundedTarInfo, DamagedArchive
+from cache.blobs import CHUNK, BlobStore, CorruptBlobError, digest_hex
 from parser.errors import PybuildError
 
 log = logging.getLogger(__name__)
@@ -67,7 +76,8 @@ OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 GC_GRACE_SECONDS = 3600
 # index.json, manifest.json and oci-layout are read into memory; real ones are far smaller.
 MAX_METADATA_BYTES = 16 << 20
-MIN_ID_PREFIX = 12
+# Nested image indexes deeper than this are not real.
+MAX_INDEX_DEPTH = 8
 
 # Layer blobs are kept as they are; docker's layer media types mean the same bytes as OCI's.
 _LAYER_MEDIA_TYPES = {
@@ -83,7 +93,7 @@ _REFERENCE = re.compile(
     rf"(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_COMPONENT}(?:/{_COMPONENT})*)"
     r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?"
 )
-_HEX_PREFIX = re.compile(rf"(?:sha256:)?([0-9a-f]{{{MIN_ID_PREFIX},64}})")
+_HEX_PREFIX = re.compile(r"(?:sha256:)?([0-9a-f]{1,64})")
 _DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
@@ -250,10 +260,9 @@ class ImageStore:
 
     def entries(self) -> list[Descriptor]:
         try:
-            value = json.loads(self.index_path.read_bytes())
-            return [Descriptor.from_json(item) for item in value.get("manifests") or []]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PybuildError(f"{self.index_path} is damaged: {exc}",
+            return list(index_from_json(self.index_path.read_bytes(), "index.json"))
+        except PybuildError as exc:
+            raise PybuildError(f"{self.index_path} is damaged: {exc.message}",
                                hint="restore it from a backup, or remove the store directory to start over") from None
 
     def _write_index(self, entries: list[Descriptor]) -> None:
@@ -284,38 +293,39 @@ class ImageStore:
             self._write_index(retag(self.entries(), descriptor, normalized))
         return _plain(descriptor)
 
-    def _load(self, manifest: Descriptor, names: tuple[str, ...]) -> StoredImage:
-        value = self._json_blob(manifest.digest, "manifest")
-        media_type = value.get("mediaType") or manifest.media_type
+    def _load(self, manifest: Descriptor, names: tuple[str, ...], source: str | None = None) -> StoredImage:
+        """The image a manifest describes; ``source`` (an archive or layout, else the store) names it in errors."""
+        source = source or str(self.root)
+        label = f"{source}: manifest {manifest.digest}"
+        media_type, config, layer_descriptors = manifest_from_json(self._small_blob(manifest.digest, label), label)
+        media_type = media_type or manifest.media_type
         if media_type not in _MANIFEST_TYPES:
-            raise PybuildError(f"{manifest.digest} is a {media_type or 'document of unknown type'}, not an image "
-                               "manifest")
-        try:
-            config = Descriptor.from_json(value["config"])
-            layers = tuple(self._layer(Descriptor.from_json(item)) for item in value.get("layers") or [])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise PybuildError(f"manifest {manifest.digest} is malformed: {exc}") from None
-        image = image_from_config(self.blobs.read_bytes(config.digest), layers)
+            raise PybuildError(f"{label} is a {media_type or 'document of unknown type'}, not an image manifest")
+        layers = tuple(self._layer(descriptor, label) for descriptor in layer_descriptors)
+        config_label = f"{source}: image config {config.digest}"
+        image = image_from_config(self._small_blob(config.digest, config_label), layers, config_label)
         media_type = manifest.media_type or media_type
         descriptor = Descriptor(media_type, manifest.digest, manifest.size, platform=manifest.platform)
         return StoredImage(descriptor, image, names, config.digest)
 
     @staticmethod
-    def _layer(descriptor: Descriptor) -> Layer:
+    def _layer(descriptor: Descriptor, label: str) -> Layer:
         media_type = _LAYER_MEDIA_TYPES.get(descriptor.media_type)
         if media_type is None:
-            raise PybuildError(f"layer {descriptor.digest} has media type {descriptor.media_type!r}, which pybuild "
-                               "does not support (only plain, gzip and zstd tar layers)")
+            raise PybuildError(f"{label}: layer {descriptor.digest} has media type {descriptor.media_type!r:.100}, "
+                               "which pybuild does not support (only plain, gzip and zstd tar layers)")
         return Layer(diff_id="", digest=descriptor.digest, size=descriptor.size, media_type=media_type)
 
+    def _small_blob(self, digest: str, label: str) -> bytes:
+        """A manifest, index or config blob, read whole and verified; one too large to be real is refused first."""
+        with contextlib.suppress(FileNotFoundError):
+            if self.blobs.path(digest).stat().st_size > MAX_METADATA_BYTES:
+                raise PybuildError(f"{label} is too large to be real (over {MAX_METADATA_BYTES} bytes)")
+        return self.blobs.read_bytes(digest)
+
     def _json_blob(self, digest: str, what: str) -> dict[str, Any]:
-        try:
-            value = json.loads(self.blobs.read_bytes(digest))
-        except ValueError:
-            raise PybuildError(f"{what} {digest} is not valid JSON") from None
-        if not isinstance(value, dict):
-            raise PybuildError(f"{what} {digest} is not a JSON object")
-        return value
+        label = f"{what} {digest}"
+        return json_object(parse_json(self._small_blob(digest, label), label), label)
 
     def _names_of(self, entries: Sequence[Descriptor], digest: str) -> tuple[str, ...]:
         return tuple(name for entry in entries if entry.digest == digest and (name := _ref_name(entry)))
@@ -354,8 +364,8 @@ class ImageStore:
                                 "`skopeo copy docker://IMAGE oci-archive:FILE.tar:IMAGE`)")
 
     def _config_digest(self, manifest_digest: str) -> str:
-        config = self._json_blob(manifest_digest, "manifest").get("config") or {}
-        return str(config.get("digest", ""))
+        label = f"{self.root}: manifest {manifest_digest}"
+        return manifest_from_json(self._small_blob(manifest_digest, label), label)[1].digest
 
     def list(self) -> list[StoredImage]:
         """Every image once, with all its names, newest first (for ``pybuild images``)."""
@@ -424,17 +434,28 @@ class ImageStore:
 
     # Import
 
-    def load_archive(self, path: Path, repository: str | None = None) -> list[str]:
+    def load_archive(self, path: Path, repository: str | None = None, *,
+                     unpack: Callable[[Image], None] | None = None) -> list[str]:
         """Load every image of an OCI archive or a ``docker save`` archive; returns names (or IDs when unnamed).
 
         ``repository`` names entries whose ref.name annotation is a bare tag (``latest``), as containerd's
-        base name does; without it such images load unnamed.
+        base name does; without it such images load unnamed. ``unpack`` is called with each image before
+        any is named (``pybuild load`` unpacks its layers there), so an image it fails on is never listed.
         """
-        return self._commit(self._import_archive(Path(path), repository))
+        images = self._import_archive(Path(path), repository)
+        if not images:
+            raise PybuildError(f"{path} holds no image")
+        if unpack is not None:
+            for stored in images:
+                unpack(stored.image)
+        return self._commit(images)
 
     def load_layout(self, directory: Path, repository: str | None = None) -> list[str]:
         """Load every image of an OCI image layout directory (names as in ``load_archive``)."""
-        return self._commit(self._import_layout(Path(directory), repository))
+        images = self._import_layout(Path(directory), repository)
+        if not images:
+            raise PybuildError(f"OCI layout {directory} holds no image")
+        return self._commit(images)
 
     def read_image_from_archive(self, path: Path) -> Image:
         """The one image of an OCI or docker archive, its blobs copied into the store but left unnamed."""
@@ -471,10 +492,9 @@ class ImageStore:
 
     def _import_layout(self, directory: Path, repository: str | None, *,
                        names_of: EntryNames | None = None) -> list[StoredImage]:
-        try:
-            index = (directory / "index.json").read_bytes()
-        except OSError as exc:
-            raise PybuildError(f"{directory} is not an OCI image layout: {exc.strerror} reading index.json") from None
+        index = _read_layout_file(directory, "index.json")
+        if (directory / "oci-layout").exists():
+            _check_layout_version(_read_layout_file(directory, "oci-layout"), f"{directory}: oci-layout")
 
         def fetch(descriptor: Descriptor) -> None:
             if not self.blobs.has(descriptor.digest):
@@ -484,7 +504,10 @@ class ImageStore:
                         shutil.copyfileobj(file, out.file, CHUNK)
                 except FileNotFoundError:
                     raise PybuildError(f"OCI layout {directory} lacks blob {descriptor.digest}") from None
-            _check_size(self.blobs, descriptor)
+                except OSError as exc:
+                    raise PybuildError(f"cannot read blob {descriptor.digest} of OCI layout {directory}: "
+                                       f"{exc.strerror or exc}") from None
+            _check_size(self.blobs, descriptor, str(directory))
 
         names_of = names_of or (lambda entry: _entry_names(entry, repository))
         return self._images_from_index(index, fetch, names_of, str(directory))
@@ -492,10 +515,16 @@ class ImageStore:
     def _import_archive(self, path: Path, repository: str | None) -> list[StoredImage]:
         contents = _read_archive(path, self.blobs)
         if "index.json" in contents.metadata:
+            if "oci-layout" in contents.metadata:
+                _check_layout_version(contents.metadata["oci-layout"], f"{path}: oci-layout")
+
+            held = set(contents.members.values())
+
             def fetch(descriptor: Descriptor) -> None:
-                if not self.blobs.has(descriptor.digest):
+                # Only blobs this archive held count: the store may have others from earlier loads.
+                if descriptor.digest not in held:
                     raise PybuildError(f"archive {path} lacks blob {descriptor.digest}")
-                _check_size(self.blobs, descriptor)
+                _check_size(self.blobs, descriptor, str(path))
 
             return self._images_from_index(contents.metadata["index.json"], fetch,
                                            lambda entry: _entry_names(entry, repository), str(path))
@@ -506,36 +535,36 @@ class ImageStore:
 
     def _images_from_index(self, index: bytes, fetch: BlobFetcher, names_of: EntryNames,
                            source: str) -> list[StoredImage]:
-        try:
-            value = json.loads(index)
-            entries = [Descriptor.from_json(item) for item in value.get("manifests") or []]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PybuildError(f"index.json of {source} is malformed: {exc}") from None
+        entries = index_from_json(index, f"{source}: index.json")
         images = []
         for entry in entries:
             manifest = self._pick_platform(entry, fetch, source)
-            value = self._json_blob(manifest.digest, "manifest")
-            try:
-                children = [Descriptor.from_json(item) for item in [value["config"], *(value.get("layers") or [])]]
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise PybuildError(f"{source}: manifest {manifest.digest} is malformed: {exc}") from None
-            for child in children:
+            label = f"{source}: manifest {manifest.digest}"
+            _, config, layers = manifest_from_json(self._small_blob(manifest.digest, label), label)
+            for child in (config, *layers):
                 fetch(child)
-            stored = self._load(_plain(manifest), names_of(entry))
+            try:
+                names = names_of(entry)
+            except PybuildError as exc:
+                raise PybuildError(f"{source}: index entry {entry.digest}: {exc.message}") from None
+            stored = self._load(_plain(manifest), names, source)
             platform = manifest.platform or (("architecture", stored.image.architecture), ("os", stored.image.os))
             images.append(replace(stored, manifest=replace(stored.manifest, platform=platform)))
         return images
 
-    def _pick_platform(self, entry: Descriptor, fetch: BlobFetcher, source: str) -> Descriptor:
+    def _pick_platform(self, entry: Descriptor, fetch: BlobFetcher, source: str, depth: int = 0) -> Descriptor:
         """A manifest descriptor; from a multi-platform index, this machine's platform (linux/amd64 here)."""
         fetch(entry)
         if entry.media_type in _MANIFEST_TYPES:
             return entry
         if entry.media_type not in _INDEX_TYPES:
-            raise PybuildError(f"{source}: index entry {entry.digest} has unsupported media type {entry.media_type!r}")
+            raise PybuildError(f"{source}: index entry {entry.digest} has unsupported media type "
+                               f"{entry.media_type!r:.100}")
+        if depth >= MAX_INDEX_DEPTH:
+            raise PybuildError(f"{source}: image index {entry.digest} nests more than {MAX_INDEX_DEPTH} indexes deep")
         os_name, arch, variant = host_platform()
-        children = [Descriptor.from_json(item) for item in self._json_blob(entry.digest, "index").get("manifests")
-                    or []]
+        label = f"{source}: image index {entry.digest}"
+        children = index_from_json(self._small_blob(entry.digest, label), label)
         offered = []
         for child in children:
             platform = dict(child.platform)
@@ -543,25 +572,18 @@ class ImageStore:
                                                   platform.get("variant")))))
             if (platform.get("os"), platform.get("architecture")) == (os_name, arch) and (
                     not variant or platform.get("variant", variant) == variant):
-                return self._pick_platform(child, fetch, source)
+                return self._pick_platform(child, fetch, source, depth + 1)
         raise PybuildError(f"{source}: image index {entry.digest} has no {os_name}/{arch} image "
                            f"(it offers {', '.join(offered) or 'none'})")
 
     def _images_from_docker(self, contents: ArchiveContents, path: Path) -> list[StoredImage]:
-        try:
-            entries = json.loads(contents.metadata["manifest.json"])
-            if not isinstance(entries, list):
-                raise TypeError("it is not a list")
-            plan = [(str(entry["Config"]), [str(layer) for layer in entry["Layers"]], entry.get("RepoTags") or [])
-                    for entry in entries]
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise PybuildError(f"manifest.json of {path} is malformed: {exc}") from None
         images = []
-        for config_path, layer_paths, tags in plan:
+        for config_path, layer_paths, tags in _docker_plan(contents.metadata["manifest.json"], path):
             config_digest = contents.blob(config_path, path)
-            config = self.blobs.read_bytes(config_digest)
+            label = f"{path}: image config {config_digest}"
+            config = self._small_blob(config_digest, label)
             layers = tuple(self._docker_layer(contents.blob(member, path)) for member in layer_paths)
-            image = image_from_config(config, layers)
+            image = image_from_config(config, layers, label)
             for layer in image.layers:
                 if layer.media_type == MEDIA_LAYER and layer.digest != layer.diff_id:
                     raise PybuildError(f"{path}: layer {layer.digest} does not match the diff ID {layer.diff_id} "
@@ -570,7 +592,10 @@ class ImageStore:
             manifest = manifest_json(Descriptor(MEDIA_CONFIG, config_digest, len(config)), layers)
             platform = (("architecture", image.architecture), ("os", image.os))
             descriptor = Descriptor(MEDIA_MANIFEST, self.blobs.put_bytes(manifest), len(manifest), platform=platform)
-            names = tuple(dict.fromkeys(normalize_name(str(tag)) for tag in tags))
+            try:
+                names = tuple(dict.fromkeys(normalize_name(tag) for tag in tags))
+            except PybuildError as exc:
+                raise PybuildError(f"{path}: manifest.json: {exc.message}") from None
             images.append(StoredImage(_plain(descriptor), image, names, config_digest))
         return images
 
@@ -591,10 +616,51 @@ def _single(images: list[StoredImage], source: str) -> StoredImage:
     return next(iter(distinct.values()))
 
 
-def _check_size(blobs: BlobStore, descriptor: Descriptor) -> None:
+def _check_size(blobs: BlobStore, descriptor: Descriptor, source: str) -> None:
     actual = blobs.path(descriptor.digest).stat().st_size
     if actual != descriptor.size:
-        raise PybuildError(f"blob {descriptor.digest} has {actual} bytes but its descriptor says {descriptor.size}")
+        raise PybuildError(f"{source}: blob {descriptor.digest} has {actual} bytes but its descriptor says "
+                           f"{descriptor.size}")
+
+
+def _read_layout_file(directory: Path, name: str) -> bytes:
+    """A layout's index.json or oci-layout; one too large to be real is refused before it is read."""
+    try:
+        with open(directory / name, "rb") as file:
+            data = file.read(MAX_METADATA_BYTES + 1)
+    except OSError as exc:
+        raise PybuildError(f"{directory} is not an OCI image layout: {exc.strerror} reading {name}") from None
+    except ValueError as exc:  # a NUL in the path
+        raise PybuildError(f"{str(directory)!r} is not an OCI image layout: {exc}") from None
+    if len(data) > MAX_METADATA_BYTES:
+        raise PybuildError(f"{directory}: {name} is too large to be real (over {MAX_METADATA_BYTES} bytes)")
+    return data
+
+
+def _check_layout_version(data: bytes, label: str) -> None:
+    value = json_object(parse_json(data, label), label)
+    if not isinstance(value.get("imageLayoutVersion"), str):
+        raise PybuildError(f'{label}: "imageLayoutVersion" must be a string')
+
+
+def _docker_plan(data: bytes, path: Path) -> list[tuple[str, list[str], list[str]]]:
+    """docker's manifest.json: for each image, its config member, its layer members and its tags."""
+    label = f"{path}: manifest.json"
+    entries = parse_json(data, label)
+    if not isinstance(entries, list):
+        raise PybuildError(f"{label} must be a JSON list")
+    plan = []
+    for number, entry in enumerate(entries):
+        where = f"{label}: entry {number}"
+        entry = json_object(entry, where)
+        config, layers, tags = entry.get("Config"), entry.get("Layers"), entry.get("RepoTags") or []
+        if not isinstance(config, str):
+            raise PybuildError(f'{where}: "Config" must be a string')
+        for key, value in (("Layers", layers), ("RepoTags", tags)):
+            if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+                raise PybuildError(f'{where}: "{key}" must be a list of strings')
+        plan.append((config, layers, tags))
+    return plan
 
 
 def _entry_names(entry: Descriptor, repository: str | None) -> tuple[str, ...]:
@@ -667,7 +733,7 @@ def _read_archive(path: Path, blobs: BlobStore) -> ArchiveContents:
     members: dict[str, str] = {}
     links: dict[str, str] = {}
     try:
-        with tarfile.open(path, mode="r|*") as archive:
+        with tarfile.open(path, mode="r|*", tarinfo=BoundedTarInfo) as archive:
             for member in archive:
                 name = member.name
                 while name.startswith("./"):
@@ -692,8 +758,12 @@ def _read_archive(path: Path, blobs: BlobStore) -> ArchiveContents:
                     members[name] = out.digest
                 else:
                     log.warning("%s: ignoring member %s: not part of an image archive", path, member.name)
-    except (tarfile.TarError, EOFError, zlib.error) as exc:
+    except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, ValueError) as exc:
         raise PybuildError(f"cannot read archive {path}: {exc}") from None
+    except DamagedArchive as exc:
+        raise PybuildError(f"cannot read archive {path}: {exc.message}") from None
+    except CorruptBlobError as exc:
+        raise CorruptBlobError(f"archive {path}: {exc.message}", hint=exc.hint) from None
     except OSError as exc:
         raise PybuildError(f"cannot read archive {path}: {exc.strerror or exc}") from None
     return ArchiveContents(metadata, members, links)

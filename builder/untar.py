@@ -30,6 +30,7 @@ from typing import BinaryIO, Literal
 
 import zstandard
 
+from builder.namespace import check_mapped
 from parser.errors import PybuildError
 
 WHITEOUT_PREFIX = ".wh."
@@ -44,6 +45,8 @@ _BZIP2_MAGIC = b"BZh"
 _XZ_MAGIC = b"\xfd7zXZ\x00"
 _CHUNK = 1 << 20
 _MAX_SYMLINKS = 40
+# Long names and pax headers are read whole into memory; real ones are a few KiB (xattrs at most 64 KiB each).
+MAX_HEADER_BYTES = 1 << 20
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 Whiteouts = Literal["overlay", "apply", "keep"]
@@ -70,6 +73,46 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+class DamagedArchive(PybuildError):
+    """A tar stream that cannot be read: damaged compression, a cut-off stream, an impossible header."""
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended parts (GNU long names, pax records) are refused when too large to be real,
+    before tarfile reads them into memory."""
+
+    def _proc_member(self, tarfile):
+        if self.type in _EXTENDED_HEADERS and self.size > MAX_HEADER_BYTES:
+            raise DamagedArchive(f"member '{self.name}' has a {self.size}-byte extended header, too large to be real")
+        return super()._proc_member(tarfile)
+
+
+_EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
+
+
+class _Decompressed(io.RawIOBase):
+    """A decompressing stream whose damage (a bad or cut-off gzip or zstd stream) is a PybuildError."""
+
+    def __init__(self, stream: BinaryIO, kind: str) -> None:
+        self._stream = stream
+        self._kind = kind
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        try:
+            return self._stream.read(size)
+        except (EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError) as exc:
+            raise DamagedArchive(f"the {self._kind} stream is damaged or cut short: {exc}") from None
+
+    def readinto(self, buffer) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
 def _sniff(fileobj: BinaryIO) -> tuple[bytes, BinaryIO]:
     head = b""
     while len(head) < 6:
@@ -84,9 +127,11 @@ def open_layer(fileobj: BinaryIO) -> BinaryIO:
     """The uncompressed tar stream of a layer blob: gzip, zstd or plain, told apart by magic bytes."""
     head, stream = _sniff(fileobj)
     if head.startswith(_GZIP_MAGIC):
-        return gzip.GzipFile(fileobj=stream, mode="rb")
+        return _Decompressed(gzip.GzipFile(fileobj=stream, mode="rb"), "gzip")
     if head.startswith(_ZSTD_MAGIC):
-        return zstandard.ZstdDecompressor().stream_reader(stream, read_size=_CHUNK, read_across_frames=True)
+        # A zstd stream cut at a frame boundary reads as shorter content: the layer's diff_id check catches it.
+        return _Decompressed(zstandard.ZstdDecompressor().stream_reader(stream, read_size=_CHUNK,
+                                                                          read_across_frames=True), "zstd")
     return stream
 
 
@@ -105,6 +150,8 @@ def member_parts(name: str, label: str) -> tuple[str, ...]:
     parts = tuple(part for part in name.split("/") if part not in ("", "."))
     if ".." in parts:
         raise PybuildError(f"{label}: member '{name}' escapes the root")
+    if "\0" in name:
+        raise PybuildError(f"{label}: member {name!r} has a NUL byte in its name")
     return parts
 
 
@@ -366,7 +413,10 @@ class _Extractor:
     # Metadata
 
     def _ids(self, member: tarfile.TarInfo) -> tuple[int, int]:
-        return self.owner if self.owner is not None else (member.uid, member.gid)
+        if self.owner is not None:
+            return self.owner
+        check_mapped(member.uid, member.gid, f"{self.label}: '{member.name}'")
+        return member.uid, member.gid
 
     def _xattrs(self, member: tarfile.TarInfo) -> Iterator[tuple[str, bytes]]:
         for key, value in member.pax_headers.items():
@@ -450,7 +500,7 @@ def extract_tar(stream: BinaryIO, dest: Path, *, whiteouts: Whiteouts, owner: tu
     extractor = _Extractor(dest, whiteouts, owner, opaque_xattr, label)
     member_name = ""
     try:
-        with tarfile.open(fileobj=stream, mode="r|", bufsize=_CHUNK) as archive:
+        with tarfile.open(fileobj=stream, mode="r|", bufsize=_CHUNK, tarinfo=BoundedTarInfo) as archive:
             for member in archive:
                 member_name = member.name
                 extractor.extract(archive, member)
@@ -458,9 +508,13 @@ def extract_tar(stream: BinaryIO, dest: Path, *, whiteouts: Whiteouts, owner: tu
             extractor.finish()
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, zstandard.ZstdError, lzma.LZMAError) as exc:
         raise PybuildError(f"{label} is not a readable tar archive: {exc}") from None
-    except OSError as exc:
+    except DamagedArchive as exc:
+        raise PybuildError(f"{label} is not a readable tar archive: {exc.message}") from None
+    except (OSError, ValueError, OverflowError) as exc:
+        # ValueError and OverflowError: a NUL in a link target or xattr name, an id or time out of range.
         where = f"member '{member_name}'" if member_name else "finishing"
-        raise PybuildError(f"{label}: cannot extract {where}: {exc.strerror or exc}") from None
+        message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise PybuildError(f"{label}: cannot extract {where}: {message}") from None
     finally:
         with contextlib.suppress(OSError):
             extractor.close()

@@ -3,6 +3,7 @@
 USER follows runc's lookup, as BuildKit runs it: ``uid:gid`` in numbers needs no files; otherwise
 the user is looked up by name (or by uid when numeric), a numeric uid without a passwd entry gets
 gid 0, and with no group given the user's supplementary groups are the groups listing it as a member.
+A RUN step without HOME in its environment gets the home of the passwd entry of its uid, as runc sets it.
 
 ``--chown`` follows BuildKit's file operations: a numeric uid alone means gid = uid (the Dockerfile
 reference's rule); a user name alone takes the primary gid from its passwd entry, which is the same
@@ -33,12 +34,13 @@ class UserIds:
 
 @dataclass
 class _Entry:
-    """One line of /etc/passwd or /etc/group: name, numeric id, and (passwd) gid or (group) members."""
+    """One line of /etc/passwd or /etc/group: name, numeric id, and (passwd) gid and home or (group) members."""
 
     name: str
     id: int
     gid: int = 0
     members: tuple[str, ...] = ()
+    home: str = ""
 
 
 def _number(text: str, spec: str) -> int | None:
@@ -70,8 +72,8 @@ def _passwd(root: Path) -> list[_Entry] | None:
     rows = _read(root, "/etc/passwd")
     if rows is None:
         return None
-    return [_Entry(row[0], _int_field(row[2]) if len(row) > 2 else 0, _int_field(row[3]) if len(row) > 3 else 0)
-            for row in rows]
+    return [_Entry(row[0], _int_field(row[2]) if len(row) > 2 else 0, _int_field(row[3]) if len(row) > 3 else 0,
+                   home=row[5] if len(row) > 5 else "") for row in rows]
 
 
 def _groups(root: Path) -> list[_Entry] | None:
@@ -125,6 +127,19 @@ def resolve_user(root: Path, user: str) -> UserIds:
         return UserIds(uid, primary)
     supplementary = tuple(item.id for item in _groups(root) or () if entry.name in item.members)
     return UserIds(uid, primary, supplementary)
+
+
+def user_home(root: Path, uid: int) -> str:
+    """The HOME a RUN step gets when neither the image's Env nor its ARGs set one, as runc fills it in.
+
+    BuildKit hands runc numeric ids only, so the entry is found by uid (the first with it, even when
+    USER named another user sharing the uid); a uid without an entry, or an image without
+    /etc/passwd, gets ``/``.
+    """
+    for entry in _passwd(root) or ():
+        if entry.id == uid:
+            return entry.home
+    return "/"
 
 
 def resolve_chown(root: Path, spec: str) -> tuple[int, int]:

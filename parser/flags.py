@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import enum
+import re
 from dataclasses import dataclass
 
 
@@ -160,6 +161,46 @@ class Mount:
 
 class MountError(ValueError):
     pass
+
+
+# --- mount option values, read as BuildKit reads them -------------------------------------
+
+_SIZE_UNITS = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+_GO_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def mount_size(text: str) -> int:
+    """A tmpfs ``size`` in bytes, read as docker/go-units' RAMInBytes reads it (BuildKit uses it).
+
+    A decimal number (``1.5`` too), then an optional unit k, m, g, t or p in multiples of 1024,
+    optionally followed by ``b`` or ``ib``, in any case and after at most one space: ``64m``, ``1.5GiB``,
+    ``10kb``, ``100``, ``100b``.  The fraction of a byte is dropped.
+    """
+    end = max(text.rfind(character) for character in "0123456789. ")
+    number, suffix = (text[:end], text[end + 1:]) if end >= 0 and text[end] == " " else (text[:end + 1],
+                                                                                           text[end + 1:])
+    suffix = suffix.lower()
+    valid_suffix = suffix in ("", "b") or (suffix[:1] in _SIZE_UNITS and suffix[1:] in ("", "b", "ib"))
+    if end < 0 or not _GO_FLOAT.fullmatch(number) or not valid_suffix:
+        raise MountError(f"invalid value {text!r} for size: write a size such as 64m, 1g or 1.5GiB")
+    size = float(number) * _SIZE_UNITS.get(suffix[:1], 1)
+    if not 0 <= size < 2**63:
+        raise MountError(f"invalid value {text!r} for size: it must be at least 0 and below 8 EiB")
+    return int(size)
+
+
+def mount_mode(text: str) -> int:
+    """A secret, ssh or cache mount's ``mode``: an octal number (Go's ParseUint(text, 8, 32))."""
+    if not re.fullmatch(r"[0-7]+", text) or int(text, 8) >= 2**32:
+        raise MountError(f"invalid value {text!r} for mode: write an octal number such as 0400")
+    return int(text, 8)
+
+
+def mount_id(key: str, text: str) -> int:
+    """A secret, ssh or cache mount's ``uid`` or ``gid``: a decimal number (Go's ParseUint(text, 10, 32))."""
+    if not re.fullmatch(r"[0-9]+", text) or int(text) >= 2**32:
+        raise MountError(f"invalid value {text!r} for {key}: write a number from 0 to {2**32 - 1}")
+    return int(text)
 
 
 def parse_mount(value: str) -> Mount:

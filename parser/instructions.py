@@ -581,6 +581,19 @@ class _Converter:
         )
 
 
+def lone_heredoc(run: Run) -> Heredoc | None:
+    """The heredoc a shell-form RUN consists of, if its command line is nothing but that one heredoc.
+
+    BuildKit runs such a heredoc's body itself (as a file when it starts with ``#!``) instead of handing
+    the shell a command line that reads it.
+    """
+    if len(run.heredocs) != 1 or run.command.exec_form:
+        return None
+    line = run.command.args[0] if run.command.args else ""
+    name = re.escape(run.heredocs[0].name)
+    return run.heredocs[0] if re.fullmatch(r"\s*<<-?\s*['\"]?" + name + r"['\"]?\s*", line) else None
+
+
 def parse_duration(text: str) -> int | None:
     """A Go duration (``1m30s``, ``500ms``, ``0``) in nanoseconds, or None if malformed."""
     if text == "0":

@@ -170,6 +170,8 @@ def test_ctrl_c_stops_the_build_and_its_processes(store: Pybuild, tmp_path: Path
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=10) == 130
     assert time.monotonic() - started < 5
+    rest = process.stderr.read()
+    assert "Traceback" not in rest and rest.strip().splitlines()[-1] == "pybuild: interrupted", rest
     time.sleep(0.5)
     assert not [line for line in process_command_lines() if "sleep 61" in line]
 

@@ -223,29 +223,35 @@ MISSING = [
     (
         "debug ast -f",
         ("debug", "ast", "-f", "nope/Dockerfile"),
-        "error: cannot read Dockerfile: nope/Dockerfile does not exist\nhint: pass its path with -f\n",
+        "pybuild: error: cannot read Dockerfile: nope/Dockerfile does not exist\n",  # -f was given: no hint
+    ),
+    (
+        "build -f",
+        ("build", "-f", "nope.Dockerfile", "empty"),
+        "pybuild: error: cannot read Dockerfile: nope.Dockerfile does not exist\n",
     ),
     (
         "debug ast default",
         ("debug", "ast"),
-        "error: cannot read Dockerfile: Dockerfile does not exist\nhint: pass its path with -f\n",
+        "pybuild: error: cannot read Dockerfile: Dockerfile does not exist\nhint: pass its path with -f\n",
     ),
     (
         "build context without Dockerfile",
         ("build", "empty"),
-        "error: cannot read Dockerfile: empty/Dockerfile does not exist\nhint: pass its path with -f\n",
+        "pybuild: error: cannot read Dockerfile: empty/Dockerfile does not exist\nhint: pass its path with -f\n",
     ),
     (
         "PATH without Dockerfile",
         ("empty",),
-        "error: cannot read Dockerfile: empty/Dockerfile does not exist\nhint: pass its path with -f\n",
+        "pybuild: error: cannot read Dockerfile: empty/Dockerfile does not exist\nhint: pass its path with -f\n",
     ),
     (
         "PATH that does not exist",
         ("missing-dir",),
-        "error: build context missing-dir does not exist\n",
+        "pybuild: error: build context missing-dir does not exist\n",
     ),
-    ("-f is a directory", ("debug", "ast", "-f", "empty"), "error: cannot read Dockerfile empty: Is a directory\n"),
+    ("-f is a directory", ("debug", "ast", "-f", "empty"),
+     "pybuild: error: cannot read Dockerfile empty: Is a directory\n"),
 ]
 
 
@@ -254,7 +260,7 @@ def test_missing_dockerfile(work: Path, args: tuple[str, ...], stderr: str) -> N
     (work / "empty").mkdir()
     result = run(*args, cwd=work)
     assert (result.code, result.stdout, result.stderr) == (1, "", stderr)
-    assert result.stderr.startswith(("error: cannot read Dockerfile", "error: build context"))
+    assert result.stderr.startswith(("pybuild: error: cannot read Dockerfile", "pybuild: error: build context"))
 
 
 # --- the command line itself ----------------------------------------------------------------------------------------
@@ -293,3 +299,55 @@ def test_grammar_library_loads_only_to_parse(statement: str, loads_grammar: bool
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(loads_grammar)
+
+
+# --- the boundary: whatever goes wrong is one line, the traceback only when asked for -------------------------------
+UNFORESEEN = """
+import sys
+import builder.cli as cli
+def images(*args, **kwargs):
+    raise ValueError("a bug")
+cli.images.callback = images
+cli.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize(("args", "env", "traceback"), [
+    (("images",), {}, False),
+    (("--debug", "images"), {}, True),
+    (("images",), {"PYBUILD_DEBUG": "1"}, True),
+])
+def test_an_unforeseen_error_is_one_line_unless_debugging(work: Path, args, env, traceback: bool) -> None:
+    environment = {**os.environ, "PYBUILD_ROOT": str(work / "store"), **env}
+    environment.pop("PYBUILD_DEBUG", None) if not env else None
+    done = subprocess.run([sys.executable, "-c", UNFORESEEN, *args], capture_output=True, text=True, env=environment)
+    assert done.returncode == 1
+    lines = done.stderr.splitlines()
+    assert ("Traceback (most recent call last):" in lines) == traceback, done.stderr
+    assert "pybuild: error: internal error: ValueError: a bug" in lines
+    if not traceback:
+        assert lines == ["pybuild: error: internal error: ValueError: a bug",
+                         "hint: run again with --debug (or PYBUILD_DEBUG=1) to see where, and report it"]
+
+
+def test_debug_before_a_path_still_builds_by_default(work: Path) -> None:
+    done = run("--debug", "missing-dir", cwd=work)
+    assert (done.code, done.stderr) == (1, "pybuild: error: build context missing-dir does not exist\n")
+
+
+@pytest.mark.parametrize(("error", "written", "expected"), [
+    (OSError(28, "No space left on device"), None, "error: no space left on the device"),
+    (OSError(28, "No space left on device", "/store/blobs/x"), None,
+     "error: no space left on the device for /store/blobs/x"),
+    (PermissionError(13, "Permission denied", "/srv/out"), None, "error: /srv/out: Permission denied"),
+    (OSError(30, "Read-only file system", "/ro/x"), None, "error: /ro/x: Read-only file system"),
+    (FileNotFoundError(2, "No such file or directory", "newuidmap"), None,
+     "error: newuidmap: command not found\nhint: install newuidmap"),
+    (OSError(5, "Input/output error", "/dev/sdz"), None, "error: /dev/sdz: Input/output error"),
+    (OSError(5, "Input/output error"), None, "error: Input/output error"),
+])
+def test_os_errors_name_what_failed(error: OSError, written, expected: str) -> None:
+    from builder.cli import os_error
+
+    rendered = os_error(error, written).render()
+    assert rendered == expected or rendered.startswith(expected + "\nhint: "), rendered

@@ -9,6 +9,7 @@ import io
 import re
 import tarfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -149,6 +150,11 @@ CASES = [
     Case("run-mount-tmpfs", B + "RUN --mount=type=tmpfs,target=/scratch echo x > /scratch/f && "
          "grep ' /scratch ' /proc/mounts | cut -d' ' -f3 > /fstype\n",
          contents={"/fstype": "tmpfs\n"}, absent=("/scratch/f",)),
+    Case("run-mount-tmpfs-size", B + "RUN --mount=type=tmpfs,target=/scratch,size=64m "
+         "grep ' /scratch ' /proc/mounts | grep -o 'size=[0-9]*k' > /size\n", contents={"/size": "size=65536k\n"}),
+    Case("run-mount-secret-mode-and-owner", B + "RUN --mount=type=secret,id=home,mode=0440,uid=1,gid=2 "
+         "stat -c '%a %u %g' /run/secrets/home > /secret-stat\n", args=("--secret", "id=home,env=HOME"),
+         contents={"/secret-stat": "440 1 2\n"}),
     # COPY and ADD
     Case("copy-wildcard", B + "COPY *.txt /w/\n", {"a.txt": "a\n", "b.txt": "b\n", "c.md": "c\n"},
          files={"/w/a.txt": "file 0644 0:0", "/w/b.txt": "file 0644 0:0"}, absent=("/w/c.md",)),
@@ -401,6 +407,18 @@ def test_user_error_is_one_clear_message(failure: Failure, build) -> None:
         assert word in built.output
     assert "Traceback" not in built.output
     assert "root:x:0:0" not in built.output, "nothing of the host leaks into the message"
+
+
+@pytest.mark.parametrize("mistake", ["EXPOSE 80/tcpp", "RUN --mount=type=cache,target=/c true",
+                                     "RUN --mount=type=tmpfs,target=/t,size=64x true", "STOPSIGNAL SIGFOO"])
+def test_mistake_in_the_text_fails_before_the_first_step(mistake: str, build) -> None:
+    started = time.monotonic()
+    built = build(Case("early-" + mistake.split()[0].lower(),
+                       B + "RUN echo first-step-ran && sleep 5\n" + mistake + "\n"), check=False)
+    assert built.returncode != 0
+    assert re.search(r"Dockerfile:3\b", built.output), built.output
+    assert "first-step-ran" not in built.output, "no step was started, not even shown"
+    assert time.monotonic() - started < 5, "the build did not wait for the RUN before it"
 
 
 def test_failing_run_shows_line_command_exit_code_and_output(build) -> None:

@@ -57,8 +57,8 @@ def test_dependencies_of_each_stage() -> None:
 
 
 def test_unused_build_args_are_reported() -> None:
-    graph = build_graph(parse("ARG USED\nFROM scratch\nARG ALSO\n"), {"USED": "1", "ALSO": "2", "NOPE": "3",
-                                                                       "HTTP_PROXY": "x"}, None)
+    args = {"USED": "1", "ALSO": "2", "NOPE": "3", "HTTP_PROXY": "x", "SOURCE_DATE_EPOCH": "1"}
+    graph = build_graph(parse("ARG USED\nFROM scratch\nARG ALSO\n"), args, None)
     assert graph.unused_build_args == ("NOPE",)
 
 

@@ -77,7 +77,8 @@ def test_as_root_mounts_are_private_to_the_process(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", AS_ROOT, str(target)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["namespace"] == {"rootless": False, "id_ranges": 4294967296 - 1, "overlay_userxattr": False}
+    assert report["namespace"] == {"rootless": False, "id_ranges": 4294967296 - 1, "overlay_userxattr": False,
+                                   "gid_ranges": 4294967296 - 1, "missing_ids": None}
     assert report["mnt"] != os.readlink("/proc/self/ns/mnt")
     assert report["same"]
     assert report["mounted"]
@@ -159,7 +160,9 @@ def test_rootless_single_id(shared_tree: Path) -> None:
         (["id"], {"uid": 1000, "gid": 1000}),
     ]
     report = run_as(65534, 65534, shared_tree, checks)
-    assert report["namespace"] == {"rootless": True, "id_ranges": 1, "overlay_userxattr": True}
+    namespace = report["namespace"]
+    assert namespace.pop("missing_ids").startswith("your user nobody has no range in /etc/subuid and /etc/subgid")
+    assert namespace == {"rootless": True, "id_ranges": 1, "overlay_userxattr": True, "gid_ranges": 1}
     uid, hostname, proc, links, touched, other_user = report["results"]
     assert uid == [0, "0\n"]
     assert hostname == [0, "pybuild\n"]
@@ -205,7 +208,8 @@ def test_rootless_with_subordinate_ids(shared_tree: Path, user_with_subordinate_
     uid, gid, start = user_with_subordinate_ids
     as_www = {"uid": 1000, "gid": 1000, "groups": [50]}
     report = run_as(uid, gid, shared_tree, [(["id"], as_www), (["touch", "/tmp/by-www"], as_www), (["id", "-u"], {})])
-    assert report["namespace"] == {"rootless": True, "id_ranges": 65537, "overlay_userxattr": True}
+    assert report["namespace"] == {"rootless": True, "id_ranges": 65537, "overlay_userxattr": True,
+                                   "gid_ranges": 65537, "missing_ids": None}
     assert report["results"] == [[0, "uid=1000(www) gid=1000(www) groups=50(staff)\n"], [0, ""], [0, "0\n"]]
     made = (shared_tree / f"rootfs-{uid}" / "tmp" / "by-www").stat()
     # Inside id 1000 is the 1000th subordinate id (id 1 inside is the range's start).

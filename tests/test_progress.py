@@ -61,3 +61,35 @@ def test_terminal_view_shows_states_and_the_last_output_lines() -> None:
     progress.close()
     assert "DONE" in stream.getvalue().splitlines()[-2]
     assert stream.getvalue().splitlines()[-1] == " => image sha256:id manifest sha256:m"
+
+
+@pytest.mark.parametrize(("text", "width", "expected"), [
+    ("short", 80, "short"),
+    ("x" * 100, 40, "x" * 39),  # the last cell stays empty: the cursor never wraps
+    ("a\tb", 80, "a       b"),  # a tab takes the cells it will take on the screen
+    ("\x1b[31mred\x1b[0m done\r", 80, "red done"),  # a step's colours and carriage returns are not drawn
+    ("日本語のテキスト" * 3, 11, "日本語のテ"),  # wide characters take two cells
+])
+def test_fit_keeps_a_row_within_the_terminal(text: str, width: int, expected: str) -> None:
+    from builder.progress import fit
+
+    assert fit(text, width) == expected
+
+
+def test_terminal_view_never_draws_a_row_wider_than_the_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    monkeypatch.setattr("shutil.get_terminal_size", lambda fallback=(80, 24): os.terminal_size((40, 24)))
+    stream = io.StringIO()
+    progress = TerminalProgress(stream)
+    number = progress.step_started("[stage-0 1/1] RUN " + "a-very-long-command " * 5)
+    progress.output(number, b"\tindented output that goes on and on past forty columns\n")
+    with progress.lock:
+        progress._draw()
+    progress.step_finished(number)
+    progress.result("sha256:" + "1" * 64, "sha256:" + "2" * 64, ())
+    progress.close()
+    rows = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", stream.getvalue()).replace("\r", "").splitlines()
+    live = [row for row in rows if not row.startswith((" => image", " => manifest"))]
+    assert live and all(len(row) < 40 for row in live), live
+    assert rows[-2:] == [" => image sha256:" + "1" * 64, " => manifest sha256:" + "2" * 64]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from builder.image import Healthcheck, config_json
-from builder.steps import STEPS, StageState, scratch_state
+from builder.steps import STEPS, StageState, go_duration, scratch_state
 from parser import parse
 
 
@@ -80,7 +80,7 @@ def test_build_args_override_defaults_and_globals() -> None:
 def test_metadata_steps_add_empty_history() -> None:
     state = apply("FROM scratch\nENV A=1\nLABEL a=b\nEXPOSE 80\nUSER www\nMAINTAINER me <me@x>\n")
     assert [(entry.created_by, entry.empty_layer) for entry in state.image.history] == [
-        ("ENV A=1", True), ("LABEL a=b", True), ("EXPOSE 80", True), ("USER www", True),
+        ("ENV A=1", True), ("LABEL a=b", True), ("EXPOSE [80/tcp]", True), ("USER www", True),
         ("MAINTAINER me <me@x>", True)]
     assert state.image.author == "me <me@x>"
 
@@ -95,6 +95,56 @@ def test_config_json_is_deterministic_and_complete() -> None:
             b'/usr/sbin:/usr/bin:/sbin:/bin","A=1"],"Entrypoint":["e"],"Cmd":["c"],"Volumes":{"/d":{}},'
             b'"WorkingDir":"/w","Labels":{"l":"v"},"StopSignal":"SIGINT","Healthcheck":{"Test":["CMD-SHELL",'
             b'"true"]}}') in text
+
+
+# What BuildKit's dockerfile2llb writes as each entry's created_by: CMD and ENTRYPOINT with Go's %q of the
+# argv, SHELL and VOLUME with %v, EXPOSE with %v of the normalized ports, HEALTHCHECK with %+v of its config.
+HISTORY_CASES = [
+    ("CMD exec", 'CMD ["mitmproxy"]\n', 'CMD ["mitmproxy"]'),
+    ("CMD shell", "CMD echo hi\n", 'CMD ["/bin/sh" "-c" "echo hi"]'),
+    ("CMD quoting", 'CMD ["say \\"hi\\"", "a\\\\b", "tab\\there", "\\u0001", "\\u00e9t\\u00e9", "\\u0085"]\n',
+     'CMD ["say \\"hi\\"" "a\\\\b" "tab\\there" "\\x01" "\u00e9t\u00e9" "\\u0085"]'),
+    ("CMD empty", "CMD []\n", "CMD []"),
+    ("ENTRYPOINT exec", 'ENTRYPOINT ["/bin/app", "--port", "80"]\n', 'ENTRYPOINT ["/bin/app" "--port" "80"]'),
+    ("ENTRYPOINT after SHELL", 'SHELL ["/bin/bash", "-xc"]\nENTRYPOINT exec app\n',
+     'ENTRYPOINT ["/bin/bash" "-xc" "exec app"]'),
+    ("SHELL", 'SHELL ["/bin/bash", "-o", "pipefail", "-c"]\n', "SHELL [/bin/bash -o pipefail -c]"),
+    ("VOLUME json", 'VOLUME ["/data"]\n', "VOLUME [/data]"),
+    ("VOLUME only this instruction's, expanded", "ENV D=/logs\nVOLUME /data\nVOLUME $D /data\n",
+     "VOLUME [/logs /data]"),
+    ("EXPOSE normalized", "EXPOSE 80 53/UDP 8000-8001\n", "EXPOSE [80/tcp 53/udp 8000/tcp 8001/tcp]"),
+    ("HEALTHCHECK shell", "HEALTHCHECK --interval=1m30s --timeout=500ms --start-period=1h --retries=3 CMD curl -f x\n",
+     "HEALTHCHECK {Test:[CMD-SHELL curl -f x] Interval:1m30s Timeout:500ms StartPeriod:1h0m0s StartInterval:0s "
+     "Retries:3}"),
+    ("HEALTHCHECK exec", 'HEALTHCHECK --start-interval=1.5s CMD ["true"]\n',
+     "HEALTHCHECK {Test:[CMD true] Interval:0s Timeout:0s StartPeriod:0s StartInterval:1.5s Retries:0}"),
+    ("HEALTHCHECK NONE", "HEALTHCHECK NONE\n",
+     "HEALTHCHECK {Test:[NONE] Interval:0s Timeout:0s StartPeriod:0s StartInterval:0s Retries:0}"),
+    ("STOPSIGNAL", "STOPSIGNAL SIGKILL\n", "STOPSIGNAL SIGKILL"),
+    ("ARG with and without a value", "ARG A=1 B\n", "ARG A=1 B"),
+    ("ARG default expanded", "ENV V=2\nARG A=v$V\n", "ARG A=v2"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "created_by"), HISTORY_CASES, ids=[case[0] for case in HISTORY_CASES])
+def test_history_text(name: str, text: str, created_by: str) -> None:
+    state = apply("FROM scratch\n" + text)
+    assert state.image.history[-1].created_by == created_by
+
+
+def test_history_takes_build_arg_values_and_onbuild_adds_none() -> None:
+    state = apply("FROM scratch\nARG A=default G\nONBUILD RUN true\n", build_args={"A": "given"},
+                  global_args={"G": "global"})
+    assert [entry.created_by for entry in state.image.history] == ["ARG A=given G=global"]
+    assert state.image.config.on_build == ("RUN true",)
+
+
+@pytest.mark.parametrize(("nanoseconds", "text"), [
+    (0, "0s"), (1, "1ns"), (1_500, "1.5µs"), (2_000_000, "2ms"), (999_999_999, "999.999999ms"),
+    (10**9, "1s"), (61 * 10**9 + 5 * 10**8, "1m1.5s"), (3600 * 10**9, "1h0m0s"), (-90 * 10**9, "-1m30s"),
+])
+def test_go_duration(nanoseconds: int, text: str) -> None:
+    assert go_duration(nanoseconds) == text
 
 
 @pytest.mark.parametrize(("text", "message"), [

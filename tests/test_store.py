@@ -9,12 +9,14 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -42,6 +44,7 @@ from builder.image import (
 )
 from builder.store import (
     GC_GRACE_SECONDS,
+    MAX_INDEX_DEPTH,
     ImageStore,
     default_root,
     full_name,
@@ -245,6 +248,69 @@ def test_unknown_references(store: ImageStore, reference: str) -> None:
     with pytest.raises(PybuildError, match="is not in the local store") as caught:
         store.resolve(reference)
     assert "pybuild load" in caught.value.hint
+
+
+@pytest.fixture
+def id_prefixes(store: ImageStore) -> dict[str, str]:
+    """Images "a" and "b" whose IDs share a prefix, and one whose name is a prefix of a's ID.
+
+    Returns each image's ID hex, ``shared`` (the longest prefix a's and b's IDs have in common),
+    ``absent`` (two hex digits no ID starts with).
+    """
+    seen: dict[str, str] = {}
+    for number in range(17):  # 17 IDs: two of them start with the same hex digit
+        image = demo_image(store, str(number).encode())
+        image_id = hashlib.sha256(config_json(image)).hexdigest()
+        first = next((other for other in seen.values() if other[0] == image_id[0]), None)
+        if first is not None:
+            store.write_image(store.resolve(first).image, ["a"])
+            store.write_image(image, ["b"])
+            break
+        store.write_image(image, [])
+        seen[image_id] = image_id
+    a, b = store.resolve("a").image_id[7:], store.resolve("b").image_id[7:]
+    shared = os.path.commonprefix([a, b])
+    for number in range(20):  # its own ID starts elsewhere, so only a and b share a prefix
+        named = demo_image(store, b"named %d" % number)
+        named_id = hashlib.sha256(config_json(named)).hexdigest()
+        if named_id[0] != a[0]:
+            break
+    store.write_image(named, [a[:len(shared) + 1]])
+    starts = {stored.image_id[7:9] for stored in store.list()}
+    return {"a": a, "b": b, "named": named_id, "shared": shared,
+            "absent": next(f"{number:02x}" for number in range(256) if f"{number:02x}" not in starts)}
+
+
+@pytest.mark.parametrize(("reference", "expected"), [
+    ("{a:.{n2}}", "a"),  # the shortest prefix only a's ID has, beyond the one "named" takes
+    ("sha256:{a:.{n2}}", "a"),
+    ("{a}", "a"),
+    ("sha256:{a}", "a"),
+    ("{b:.{n1}}", "b"),
+    ("{a:.{n1}}", "named"),  # a reference that reads as a name is a name first, as in docker
+    ("{shared}", "matches 2 images"),
+    ("sha256:{shared}", "matches 2 images"),
+    ("{absent}", "is not in the local store"),
+    ("{a:.{n2}}F", "invalid image reference"),
+    ("", "invalid image reference"),
+])
+def test_image_id_prefixes(store: ImageStore, id_prefixes: dict[str, str], reference: str, expected: str) -> None:
+    shared = len(id_prefixes["shared"])
+    text = reference.format(**id_prefixes, n1=shared + 1, n2=shared + 2)
+    if expected in ("a", "b", "named"):
+        assert store.resolve(text).image_id == "sha256:" + id_prefixes[expected]
+        return
+    with pytest.raises(PybuildError, match=expected):
+        store.resolve(text)
+    with pytest.raises(PybuildError, match=expected):
+        store.remove(text)
+    assert len(store.list()) >= 3, "a failed rmi removes nothing"
+
+
+def test_rmi_by_a_short_prefix_removes_every_name(store: ImageStore, id_prefixes: dict[str, str]) -> None:
+    prefix = id_prefixes["b"][:len(id_prefixes["shared"]) + 1]
+    assert store.remove(prefix) == ("b:latest",)
+    assert store.resolve(id_prefixes["a"][:len(id_prefixes["shared"])]).names == ("a:latest",)
 
 
 def test_moving_a_tag_leaves_the_old_image_unnamed(store: ImageStore) -> None:
@@ -638,3 +704,63 @@ def _renamed(info: tarfile.TarInfo, name: str) -> tarfile.TarInfo:
     renamed = copy.copy(info)
     renamed.name = name
     return renamed
+
+
+def test_an_image_that_fails_to_unpack_is_not_named(tmp_path: Path, store: ImageStore) -> None:
+    store.write_image(demo_image(store), ["demo"])
+    archive = export(store, {"demo": ["demo"]}, tmp_path / "out.tar")
+    target = ImageStore(tmp_path / "target")
+
+    def unpack(image: Image) -> None:
+        raise PybuildError(f"cannot unpack layer blob {image.layers[0].digest}")
+
+    with pytest.raises(PybuildError, match="cannot unpack layer blob"):
+        target.load_archive(archive, unpack=unpack)
+    assert target.entries() == []
+    unpacked = []
+    assert target.load_archive(archive, unpack=unpacked.append) == ["demo:latest"]
+    assert unpacked == [target.resolve("demo").image]
+
+
+def test_an_archive_must_hold_the_blobs_it_names(tmp_path: Path, store: ImageStore) -> None:
+    image = demo_image(store)
+    store.write_image(image, ["demo"])
+    layer = image.layers[0].digest
+    archive = hostile(tmp_path / "partial.tar", export(store, {"demo": ["demo"]}, tmp_path / "out.tar"), [],
+                      drop=f"blobs/sha256/{layer[7:]}")
+    # The store holding the blob already does not make the archive whole.
+    with pytest.raises(PybuildError, match=f"archive {archive} lacks blob {layer}"):
+        store.load_archive(archive)
+
+
+@pytest.mark.parametrize(("index", "error"), [
+    ({"manifests": []}, "holds no image"),
+    ({"manifests": 5}, r'index.json: "manifests" must be a list of descriptors, not a number'),
+    ({"manifests": [{"mediaType": MEDIA_MANIFEST, "digest": "sha256:../../x", "size": 1}]},
+     r'index.json: entry 0: "digest" must be "sha256:" and 64 lowercase hex digits'),
+    ([], "index.json must be a JSON object, not a list"),
+])
+def test_malformed_layout_index(tmp_path: Path, store: ImageStore, index: Any, error: str) -> None:
+    write_layout(tmp_path / "layout", [], [])
+    (tmp_path / "layout" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(PybuildError) as caught:
+        store.load_layout(tmp_path / "layout")
+    assert re.search(error, caught.value.message) and str(tmp_path / "layout") in caught.value.message
+    assert store.entries() == []
+
+
+def test_nested_indexes_have_a_depth_limit(tmp_path: Path, store: ImageStore) -> None:
+    blobs, child = platform_image(store, host_platform()[1])
+    for _ in range(MAX_INDEX_DEPTH + 1):
+        nested = index_json([child])
+        blobs.append(nested)
+        child = descriptor(MEDIA_INDEX, nested, platform=(("architecture", host_platform()[1]), ("os", "linux")))
+    write_layout(tmp_path / "layout", blobs, [child])
+    with pytest.raises(PybuildError, match=f"nests more than {MAX_INDEX_DEPTH} indexes deep"):
+        ImageStore(tmp_path / "target").load_layout(tmp_path / "layout")
+
+
+def test_store_index_of_wrong_types_is_damaged(store: ImageStore) -> None:
+    store.index_path.write_text('{"manifests": [{"digest": 5}]}')
+    with pytest.raises(PybuildError, match="index.json is damaged: index.json: entry 0: \"digest\" must be"):
+        store.resolve("demo")

@@ -28,6 +28,7 @@ PACKAGES = ("parser", "builder", "cache")
 MUTABLE_DATACLASSES = {"StepView", "StepContext", "LineSplit", "_Args"}  # state being built, never passed on
 MUTABLE_NAMES = {  # (module, variable) assigned to by attribute, and what it holds
     ("builder/cli.py", "exc"): "the PybuildError being rendered",
+    ("builder/cli.py", "ctx"): "click's Context: its obj carries the store root, chosen before any namespace",
     ("builder/layer.py", "info"): "a tarfile.TarInfo",
     ("builder/exporter.py", "info"): "a tarfile.TarInfo",
     ("builder/progress.py", "step"): "a StepView",

@@ -7,6 +7,7 @@ import gzip
 import io
 import lzma
 import os
+import re
 import stat
 import tarfile
 from dataclasses import dataclass, field
@@ -343,3 +344,43 @@ def test_large_file_streams_through(tmp_path: Path) -> None:
     data = os.urandom(3 << 20)
     extract(make_tar(M("big", data=data)), tmp_path / "d", "keep")
     assert (tmp_path / "d/big").read_bytes() == data
+
+
+def pax_member(name: str, headers: dict[str, str], kind: bytes = tarfile.REGTYPE) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        info = tarfile.TarInfo(name)
+        info.type, info.pax_headers = kind, headers
+        info.size = 1 if kind == tarfile.REGTYPE else 0
+        archive.addfile(info, io.BytesIO(b"x"))
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(("tar", "error"), [
+    (pax_member("huge", {"comment": "y" * (2 << 20)}), "layer x is not a readable tar archive: member .* has a "
+                                                        r"\d+-byte extended header, too large to be real"),
+    (pax_member("nul", {"path": "a\0b"}), r"layer x: member 'a\\x00b' has a NUL byte in its name"),
+    (pax_member("ids", {"uid": str(2**70)}), "layer x: cannot extract member 'ids': "),
+    (pax_member("time", {"mtime": "1e400"}), "layer x: cannot extract member 'time': "),
+    (pax_member("link", {"linkpath": "a\0b"}, tarfile.SYMTYPE), "layer x: cannot extract member 'link': "),
+])
+def test_impossible_headers_are_errors(tmp_path: Path, tar: bytes, error: str) -> None:
+    with pytest.raises(PybuildError) as caught:
+        extract_tar(io.BytesIO(tar), tmp_path, whiteouts="overlay", label="layer x")
+    assert re.search(error, caught.value.message), caught.value.message
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_cut_streams_are_errors_even_after_the_tar_ends(compression: str) -> None:
+    whole = gzip.compress(SAMPLE) if compression == "gzip" else zstandard.ZstdCompressor().compress(SAMPLE)
+    stream = open_layer(io.BytesIO(whole[:-3]))
+    if compression == "gzip":
+        with pytest.raises(PybuildError, match="gzip stream is damaged or cut short"):
+            while stream.read(1 << 16):
+                pass
+    else:
+        # zstd reads a cut stream as shorter content, which the layer's diff_id check then refuses.
+        content = b""
+        while chunk := stream.read(1 << 16):
+            content += chunk
+        assert content != SAMPLE

@@ -1,4 +1,4 @@
-"""USER and --chown: names and numbers to ids, read from the image's own passwd and group files."""
+"""USER and --chown: names and numbers to ids, and a RUN step's HOME, from the image's own passwd and group files."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.users import UserIds, resolve_chown, resolve_user
+from builder.image import Image, ImageConfig
+from builder.steps import StageState
+from builder.users import UserIds, resolve_chown, resolve_user, user_home
 from parser.errors import PybuildError
 
 PASSWD = """root:x:0:0:root:/root:/bin/sh
@@ -125,3 +127,47 @@ def test_resolve_chown_errors(root: Path, spec: str, message: str) -> None:
 def test_busybox_rootfs_users(busybox_rootfs: Path) -> None:
     assert resolve_user(busybox_rootfs, "www") == UserIds(1000, 1000, (50,))
     assert resolve_chown(busybox_rootfs, "www:staff") == (1000, 50)
+
+
+def _run_home(root: Path, user: str, env: tuple[tuple[str, str], ...] = (),
+              args: tuple[tuple[str, str], ...] = ()) -> str:
+    """HOME as a RUN step sees it: the image's Env, then its ARGs, then the home of the uid's passwd entry."""
+    state = StageState(Image(config=ImageConfig(env=env, user=user)), args=args)
+    home = user_home(root, resolve_user(root, user).uid)
+    return dict(state.run_env({"HOME": home}))["HOME"]
+
+
+HOME_CASES = [
+    ("root", "", (), (), "/root"),
+    ("root by name", "root", (), (), "/root"),
+    ("nobody", "nobody", (), (), "/nonexistent"),
+    ("numeric uid with an entry", "1000", (), (), "/home/www"),
+    ("name and group", "www:staff", (), (), "/home/www"),
+    ("numeric uid and gid with an entry", "1001:7", (), (), "/app"),
+    ("uid without an entry", "4242", (), (), "/"),
+    ("uid and gid without an entry", "4242:4242", (), (), "/"),
+    ("image Env sets HOME", "www", (("HOME", "/srv"),), (), "/srv"),
+    ("ARG sets HOME", "www", (), (("HOME", "/from-arg"),), "/from-arg"),
+    ("Env wins over ARG", "", (("HOME", "/env"),), (("HOME", "/arg"),), "/env"),
+]
+
+
+@pytest.mark.parametrize(("user", "env", "args", "home"), [case[1:] for case in HOME_CASES],
+                         ids=[case[0] for case in HOME_CASES])
+def test_run_home(root: Path, user: str, env: tuple, args: tuple, home: str) -> None:
+    assert _run_home(root, user, env, args) == home
+
+
+def test_home_without_passwd_is_the_root_directory(tmp_path: Path) -> None:
+    assert _run_home(tmp_path, "") == "/"
+    assert _run_home(tmp_path, "4242") == "/"
+    assert _run_home(tmp_path, "", env=(("HOME", "/set"),)) == "/set"
+
+
+def test_home_is_found_by_uid(tmp_path: Path) -> None:
+    """Two names sharing a uid: the first entry's home, whichever name USER gave (runc only sees the uid)."""
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("first:x:500:500::/home/first:/bin/sh\n"
+                                         "second:x:500:500::/home/second:/bin/sh\nshort:x:600:600\n")
+    assert _run_home(tmp_path, "second") == "/home/first"
+    assert _run_home(tmp_path, "short") == "", "an entry without a home field gives an empty one, as runc reads it"
