@@ -6,6 +6,7 @@ import contextlib
 import errno
 import json
 import os
+import stat
 import sys
 import traceback
 from pathlib import Path
@@ -205,9 +206,14 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
           iidfile: Path | None, metadata_file: Path | None, secrets: tuple[str, ...], network: str,
           build_contexts: tuple[str, ...], compression: str | None, platform: str | None) -> None:
     """Build an image from the Dockerfile in CONTEXT."""
-    if not context.is_dir():
-        state = "is not a directory" if context.exists() else "does not exist"
-        raise PybuildError(f"build context {context} {state}")
+    try:
+        if not stat.S_ISDIR(context.stat().st_mode):
+            raise PybuildError(f"build context {context} is not a directory")
+        os.listdir(context)
+    except FileNotFoundError:
+        raise PybuildError(f"build context {context} does not exist") from None
+    except OSError as exc:
+        raise PybuildError(f"cannot read the build context {context}: {exc.strerror}") from None
     source, name = _read_dockerfile(file, context)
     root = _store_root(store_root)
     for output in _outputs(outputs):
