@@ -262,8 +262,22 @@ def test_user_with_ranges_runs_every_command_in_its_own_store(installed, login_u
         # the archives name the image by its tag; the image itself (manifest digest) must be the same
         assert _manifest_digest(out / "root.tar") == _manifest_digest(out / "app.tar")
         assert _layer_files(out / "root.tar") == files
+        # the other commands on root's default store
+        listed = root.run(installed, "images")
+        assert any(line.split()[:2] == [name, "latest"] for line in listed.stdout.splitlines()), listed.stdout
+        inspected = root.run(installed, "inspect", name)
+        assert json.loads(inspected.stdout)["config"]["Cmd"] == ["sh"], inspected.stderr
+        saved = root.run(installed, "save", "-o", out / "root-saved.tar", name)
+        assert saved.returncode == 0 and _layer_files(out / "root-saved.tar") == files, saved.stderr
+        parsed = root.run(installed, "debug", "ast", "-f", shared / "app" / "Dockerfile")
+        assert parsed.stdout.splitlines()[0] == '(from "busybox-base")', parsed.stderr
     finally:
-        root.run(installed, "rmi", name)
+        removed = root.run(installed, "rmi", name)
+    assert removed.stdout.startswith(f"Untagged: {name}:latest\n"), removed.stderr
+    # prune removes only unnamed images and what no image uses: what a root user's store holds besides stays
+    pruned = root.run(installed, "prune")
+    assert pruned.returncode == 0 and "Total reclaimed space" in pruned.stdout, pruned.stderr
+    assert "busybox-base:latest" in (SYSTEM_ROOT / "index.json").read_text()
 
 
 def _manifest_digest(archive: Path) -> str:

@@ -351,3 +351,8 @@ def test_os_errors_name_what_failed(error: OSError, written, expected: str) -> N
 
     rendered = os_error(error, written).render()
     assert rendered == expected or rendered.startswith(expected + "\nhint: "), rendered
+
+
+def test_images_says_which_size_it_shows(work: Path) -> None:
+    done = run("images", cwd=work)
+    assert (done.code, done.stdout) == (0, "REPOSITORY   TAG   IMAGE ID   COMPRESSED SIZE\n")
