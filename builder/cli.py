@@ -42,9 +42,17 @@ def cli(ctx: click.Context, debug: bool) -> None:
     global _debug
     _debug = _debug or debug
     # Decided here, before any command enters a user namespace, where every user looks like root.
-    from builder.store import default_root
+    ctx.obj = default_store_root()
 
-    ctx.obj = default_root()
+
+def default_store_root() -> Path:
+    """Where the store lives: $PYBUILD_ROOT, else /var/lib/pybuild for root, else the user's XDG data dir."""
+    if os.environ.get("PYBUILD_ROOT"):
+        return Path(os.environ["PYBUILD_ROOT"])
+    if os.geteuid() == 0:
+        return Path("/var/lib/pybuild")
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "pybuild"
 
 
 def _store_root(root: Path) -> Path:

@@ -97,16 +97,6 @@ _HEX_PREFIX = re.compile(r"(?:sha256:)?([0-9a-f]{1,64})")
 _DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
-def default_root() -> Path:
-    """Where the store lives: $PYBUILD_ROOT, else /var/lib/pybuild for root, else the user's XDG data dir."""
-    if os.environ.get("PYBUILD_ROOT"):
-        return Path(os.environ["PYBUILD_ROOT"])
-    if os.geteuid() == 0:
-        return Path("/var/lib/pybuild")
-    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data_home) / "pybuild"
-
-
 @dataclass
 class Reference:
     """A parsed image reference: ``name`` in familiar ``repository:tag`` form, and/or a manifest digest."""

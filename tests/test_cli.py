@@ -356,3 +356,21 @@ def test_os_errors_name_what_failed(error: OSError, written, expected: str) -> N
 def test_images_says_which_size_it_shows(work: Path) -> None:
     done = run("images", cwd=work)
     assert (done.code, done.stdout) == (0, "REPOSITORY   TAG   IMAGE ID   COMPRESSED SIZE\n")
+
+
+# --- where the store lives: chosen by the CLI, before any namespace ---------------------------------------------------
+@pytest.mark.parametrize(("env", "euid", "expected"), [
+    ({"PYBUILD_ROOT": "/srv/pb"}, 0, "/srv/pb"),
+    ({}, 0, "/var/lib/pybuild"),
+    ({"XDG_DATA_HOME": "/data"}, 1000, "/data/pybuild"),
+    ({"HOME": "/home/u"}, 1000, "/home/u/.local/share/pybuild"),
+])
+def test_default_store_root(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], euid: int, expected: str) -> None:
+    for name in ("PYBUILD_ROOT", "XDG_DATA_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(os, "geteuid", lambda: euid)
+    from builder.cli import default_store_root
+
+    assert default_store_root() == Path(expected)

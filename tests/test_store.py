@@ -46,7 +46,6 @@ from builder.store import (
     GC_GRACE_SECONDS,
     MAX_INDEX_DEPTH,
     ImageStore,
-    default_root,
     full_name,
     normalize_name,
     parse_reference,
@@ -183,21 +182,6 @@ def test_bad_names(text: str, message: str) -> None:
 ])
 def test_full_names(name: str, full: str) -> None:
     assert full_name(name) == full
-
-
-@pytest.mark.parametrize(("env", "euid", "expected"), [
-    ({"PYBUILD_ROOT": "/srv/pb"}, 0, "/srv/pb"),
-    ({}, 0, "/var/lib/pybuild"),
-    ({"XDG_DATA_HOME": "/data"}, 1000, "/data/pybuild"),
-    ({"HOME": "/home/u"}, 1000, "/home/u/.local/share/pybuild"),
-])
-def test_default_root(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], euid: int, expected: str) -> None:
-    for name in ("PYBUILD_ROOT", "XDG_DATA_HOME"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(os, "geteuid", lambda: euid)
-    assert default_root() == Path(expected)
 
 
 # Writing, resolving, naming
