@@ -61,10 +61,9 @@ def _store_root(root: Path) -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PybuildError(f"cannot create pybuild's store {root}: {exc.strerror}", hint=_ROOT_HINT) from None
-    if not os.access(root, os.W_OK | os.X_OK):
-        raise PybuildError(f"cannot write to pybuild's store {root}: "
-                           f"{'read-only file system' if _read_only(root) else 'permission denied'}",
-                           hint=_ROOT_HINT)
+    reason = _unwritable(root)
+    if reason:
+        raise PybuildError(f"cannot write to pybuild's store {root}: {reason}", hint=_ROOT_HINT)
     return root
 
 
@@ -79,8 +78,8 @@ def _check_writable(path: Path, what: str, directory: bool = False) -> None:
         existing = existing.parent
     if not existing.is_dir():
         raise PybuildError(f"{what}: cannot write {path}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        reason = "read-only file system" if _read_only(existing) else "permission denied"
+    reason = _unwritable(existing)
+    if reason:
         raise PybuildError(f"{what}: cannot write {path}: {reason}"
                            + (f" (in {existing})" if existing not in (path, path.parent) else ""))
 
@@ -93,8 +92,11 @@ def _free_space(path: Path) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def _read_only(path: Path) -> bool:
-    return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+def _unwritable(directory: Path) -> str | None:
+    """Why this process may not create files in ``directory``, or None when it may."""
+    if os.access(directory, os.W_OK | os.X_OK):
+        return None
+    return "read-only file system" if os.statvfs(directory).f_flag & os.ST_RDONLY else "permission denied"
 
 
 def _read_dockerfile(file: str | None, context: Path | None = None) -> tuple[bytes, str]:
@@ -224,7 +226,8 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
         raise PybuildError(f"cannot read the build context {context}: {exc.strerror}") from None
     source, name = _read_dockerfile(file, context)
     root = _store_root(store_root)
-    for output in _outputs(outputs):
+    parsed_outputs = _outputs(outputs)
+    for output in parsed_outputs:
         if output.get("dest"):
             _check_writable(Path(output["dest"]), f"--output type={output['type']}",
                             directory=output["type"] == "local")
@@ -238,7 +241,6 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
 
         dockerfile = parse(source, name)
         _show_warnings(dockerfile.warnings, name)
-        parsed_outputs = _outputs(outputs)
         if compression is None:
             # docker load reads gzip layers, not zstd
             compression = "gzip" if any(output["type"] == "docker" for output in parsed_outputs) else "zstd"
@@ -268,7 +270,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
                 exc.source_line = lines[exc.location.start_line - 1]
         raise
     except OSError as exc:
-        destinations = [Path(output["dest"]).parent for output in _outputs(outputs) if output.get("dest")]
+        destinations = [Path(output["dest"]).parent for output in parsed_outputs if output.get("dest")]
         raise os_error(exc, [root, *destinations]) from exc
     finally:
         if interpreter is not None:

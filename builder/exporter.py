@@ -7,7 +7,6 @@ docker's ``manifest.json``. Every member has mtime 0, owner 0:0, no user names a
 
 from __future__ import annotations
 
-import errno
 import gzip
 import hashlib
 import io
@@ -119,8 +118,6 @@ def write_rootfs(store: ImageStore, image: Image, dest: Path) -> None:
     dest = Path(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
-        if not os.access(dest, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as exc:
         raise PybuildError(f"cannot write the output directory {dest}: {exc.strerror}") from None
     for layer in image.layers:

@@ -35,7 +35,7 @@ def fit(text: str, width: int) -> str:
         return text  # short enough whatever its characters
     out, used = [], 0
     for char in text:
-        cells = 2 if unicodedata.east_asian_width(char) in "WF" else 0 if unicodedata.combining(char) else 1
+        cells = _cells(char)
         if used + cells > room:
             break
         out.append(char)
@@ -203,7 +203,7 @@ class TerminalProgress(Progress):
             state = {"running": "", "done": "DONE", "cached": "CACHED", "error": "ERROR"}[step.state].rjust(7)
             tail = f"{seconds:5.1f}s{state}"
             head = fit(f" => {step.name}", width - len(tail) - 1)
-            lines.append(fit(head + " " * (width - 1 - len(tail) - _cells(head)) + tail, width))
+            lines.append(fit(head + " " * (width - 1 - len(tail) - sum(map(_cells, head))) + tail, width))
             if step.state in ("running", "error"):
                 lines.extend(fit(f" => > {text}", width) for text in step.tail)
         out = "\x1b[1A\x1b[2K" * self.drawn + "\r" + "\n".join(line + "\x1b[K" for line in lines) + "\n"
@@ -240,8 +240,9 @@ class TerminalProgress(Progress):
             self._draw()
 
 
-def _cells(text: str) -> int:
-    return sum(2 if unicodedata.east_asian_width(char) in "WF" else 1 for char in text)
+def _cells(char: str) -> int:
+    """The terminal cells a character takes: two when wide (East Asian), none when it combines with the last."""
+    return 2 if unicodedata.east_asian_width(char) in "WF" else 0 if unicodedata.combining(char) else 1
 
 
 def make_progress(mode: str) -> Progress:

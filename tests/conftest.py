@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,6 +77,23 @@ CHROOT_REASON = ("podman and buildah apply layers by remounting /, and the kerne
 def skip_if_chrooted(what: str) -> None:
     if CHROOTED:
         pytest.skip(f"{what}: {CHROOT_REASON}")
+
+
+SUBORDINATE_ID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+
+
+@contextlib.contextmanager
+def subordinate_ids_restored() -> Iterator[dict[Path, bytes | None]]:
+    """/etc/subuid and /etc/subgid as they were (None: absent), put back as they were afterwards."""
+    saved = {path: path.read_bytes() if path.exists() else None for path in SUBORDINATE_ID_FILES}
+    try:
+        yield saved
+    finally:
+        for path, text in saved.items():
+            if text is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(text)
 
 
 def process_command_lines() -> list[str]:

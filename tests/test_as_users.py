@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import BUSYBOX, skip_if_chrooted
+from conftest import BUSYBOX, SUBORDINATE_ID_FILES, skip_if_chrooted, subordinate_ids_restored
 from e2e import EXAMPLES, Pybuild, build_base
 
 pytestmark = pytest.mark.slow
@@ -92,31 +92,25 @@ def _switch(uid: int, gid: int) -> tuple[str, ...]:
 def login_users() -> Iterator[dict[str, User]]:
     """``dev``: useradd -m, with its subordinate ranges; ``solo``: the same, its ranges removed; and nobody."""
     _can_switch()
-    saved = {path: path.read_bytes() if path.exists() else None for path in (Path("/etc/subuid"), Path("/etc/subgid"))}
     suffix = uuid.uuid4().hex[:6]
     names = {"dev": f"pbdev{suffix}", "solo": f"pbsolo{suffix}"}
-    users: dict[str, User] = {}
     try:
-        for role, name in names.items():
-            subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True)
-            entry = pwd.getpwnam(name)
-            users[role] = User(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir),
-                               _switch(entry.pw_uid, entry.pw_gid))
-        dev, solo = users["dev"], users["solo"]
-        for path in saved:
-            lines = [line for line in path.read_text().splitlines() if line.split(":")[0] not in (solo.name, dev.name)]
-            taken = [int(start) + int(count) for _, start, count in (line.split(":") for line in lines if line)]
-            # useradd gave dev a range where login.defs allows; give one explicitly where it did not
-            lines.append(f"{dev.name}:{max([600000, *taken])}:65536")
-            path.write_text("\n".join(lines) + "\n")
-        users["nobody"] = User("nobody", 65534, 65534, Path("/nonexistent"), _switch(65534, 65534))
-        yield users
+        with subordinate_ids_restored():
+            users: dict[str, User] = {}
+            for role, name in names.items():
+                subprocess.run(["useradd", "-m", "-s", "/bin/sh", name], check=True, capture_output=True)
+                entry = pwd.getpwnam(name)
+                users[role] = User(name, entry.pw_uid, entry.pw_gid, Path(entry.pw_dir),
+                                   _switch(entry.pw_uid, entry.pw_gid))
+            for path in SUBORDINATE_ID_FILES:
+                lines = [line for line in path.read_text().splitlines() if line.split(":")[0] not in names.values()]
+                taken = [int(start) + int(count) for _, start, count in (line.split(":") for line in lines if line)]
+                # useradd gave dev a range where login.defs allows; give one explicitly where it did not
+                lines.append(f"{names['dev']}:{max([600000, *taken])}:65536")
+                path.write_text("\n".join(lines) + "\n")
+            users["nobody"] = User("nobody", 65534, 65534, Path("/nonexistent"), _switch(65534, 65534))
+            yield users
     finally:
-        for path, text in saved.items():
-            if text is None:
-                path.unlink(missing_ok=True)
-            else:
-                path.write_bytes(text)
         for name in names.values():
             subprocess.run(["userdel", "-r", name], capture_output=True)
 

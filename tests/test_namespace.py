@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_busybox_rootfs, skip_if_chrooted
+from conftest import make_busybox_rootfs, skip_if_chrooted, subordinate_ids_restored
 
 from builder.namespace import _map_arguments, read_id_map, subordinate_ranges
 
@@ -184,21 +184,16 @@ def user_with_subordinate_ids() -> Iterator[tuple[int, int, int]]:
                              capture_output=True, text=True)
     if created.returncode not in (0, 9):  # 9: the user exists already
         pytest.skip(f"cannot create a test user: {created.stderr.strip()}")
-    saved = {path: path.read_bytes() if path.exists() else None for path in (Path("/etc/subuid"), Path("/etc/subgid"))}
     try:
-        ends = [int(start) + int(count) for text in saved.values() if text
-                for _, start, count in (line.split(":") for line in text.decode().split() if line.count(":") == 2)]
-        start = max([400000, *ends])
-        for path, text in saved.items():
-            path.write_bytes((text or b"") + f"{TEST_USER}:{start}:65536\n".encode())
-        uid, gid = user_ids(TEST_USER)
-        yield uid, gid, start
+        with subordinate_ids_restored() as saved:
+            ends = [int(start) + int(count) for text in saved.values() if text
+                    for _, start, count in (line.split(":") for line in text.decode().split() if line.count(":") == 2)]
+            start = max([400000, *ends])
+            for path, text in saved.items():
+                path.write_bytes((text or b"") + f"{TEST_USER}:{start}:65536\n".encode())
+            uid, gid = user_ids(TEST_USER)
+            yield uid, gid, start
     finally:
-        for path, text in saved.items():
-            if text is None:
-                path.unlink(missing_ok=True)
-            else:
-                path.write_bytes(text)
         if created.returncode == 0:
             subprocess.run(["userdel", TEST_USER], check=True)
 
