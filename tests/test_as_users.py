@@ -120,8 +120,10 @@ def installed(login_users: dict[str, User]) -> Iterator[tuple[str, ...]]:
     """The installed pybuild command. Where another user may not reach it (a venv in root's home), the same
     installed packages, copied where anyone can read them, run by the same entry point."""
     script = Path(sys.executable).with_name("pybuild")
-    probe = subprocess.run([*login_users["dev"].command, str(script), "--version"], capture_output=True,
-                           env={"PATH": LOGIN_PATH, "HOME": "/"})
+    # the sandbox runs the interpreter again inside a user namespace, where a path another user reaches
+    # only through root's privileges (a venv made from an interpreter in /root) is refused
+    probe = subprocess.run([*login_users["dev"].command, "unshare", "--user", "--map-root-user", str(script),
+                            "--version"], capture_output=True, env={"PATH": LOGIN_PATH, "HOME": "/"})
     if script.exists() and probe.returncode == 0:
         yield (str(script),)
         return
