@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from builder.layer import write_layer  # noqa: E402
+from builder.fs.layer import write_layer  # noqa: E402
 
 MB = 1_000_000
 WORDS = b"layer tar zstd image build cache stage copy run file tree docker oci digest manifest config ".split()

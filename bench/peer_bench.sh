@@ -42,7 +42,7 @@ export BENCH_CUSTOM_CLEAN="rm -rf $(q "$PYBUILD_ROOT") && $(q "$PYBUILD") load -
 export BENCH_CUSTOM_BUILD="$(q "$PYBUILD") build --progress plain ${BENCH_BUILD_ARGS:-} -t {tag} -f {dockerfile} {ctx}"
 export BENCH_CUSTOM_EXPORT="$(q "$PYBUILD") save -o {out} {tag}"
 # bytes of the image's layers as stored (compressed), from the store's own accounting
-export BENCH_CUSTOM_SIZE="$(q "$(dirname "$PYBUILD")/python") -c 'import sys; import os; from builder.store import ImageStore; print(ImageStore(os.environ[\"PYBUILD_ROOT\"]).resolve(sys.argv[1]).size)' {tag}"
+export BENCH_CUSTOM_SIZE="$(q "$(dirname "$PYBUILD")/python") -c 'import sys; import os; from builder.oci.store import ImageStore; print(ImageStore(os.environ[\"PYBUILD_ROOT\"]).resolve(sys.argv[1]).size)' {tag}"
 
 [ $# -gt 0 ] || set -- buildah docker-buildkit custom
 exec "$PEER/peer-bench.sh" "$@"

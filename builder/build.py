@@ -9,12 +9,12 @@ from pathlib import Path
 
 from builder.checks import check_graph
 from builder.graph import build_graph, host_platform
-from builder.image import config_json, sha256_digest
+from builder.oci.image import config_json, sha256_digest
+from builder.oci.store import atomic_file
 from builder.progress import make_progress
 from builder.prune import shared_lease
-from builder.sandbox import Interpreter
+from builder.sandbox.parent import Interpreter
 from builder.solver import BuildOptions, SecretSource, Solver
-from builder.store import atomic_file
 from parser.errors import PybuildError
 from parser.instructions import Dockerfile
 
@@ -56,7 +56,7 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
     The caller chooses the store before the build enters its namespace (where every user is root);
     ``interpreter``, a sandbox started ahead by the caller, serves the first RUN.
     """
-    from builder.namespace import enter_build_namespace
+    from builder.sandbox.namespace import enter_build_namespace
 
     os_name, arch, _ = host_platform()
     if request.platform not in (None, f"{os_name}/{arch}"):
@@ -86,7 +86,7 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
             manifest = solver.store.write_image(image, names)
             image_id = sha256_digest(config_json(image))  # docker's image ID: the config blob write_image stored
             for output in request.outputs:
-                from builder.exporter import with_gzip_layers, write_oci_archive, write_rootfs
+                from builder.oci.exporter import with_gzip_layers, write_oci_archive, write_rootfs
 
                 kind = output["type"]
                 if kind == "oci":

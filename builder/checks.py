@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from builder.sandbox import HEREDOC_SCRIPT_DIR
+from builder.sandbox.parent import HEREDOC_SCRIPT_DIR
 from parser.errors import PybuildError, SourceRange
 from parser.flags import Mount, MountError, mount_id, mount_mode, mount_size
 from parser.instructions import Add, Copy, Expose, Instruction, Run, Stopsignal, lone_heredoc
@@ -113,7 +113,7 @@ def check_copy(instruction: Copy | Add, known: Known = _expanded) -> None:
         raise PybuildError(f"{verb} with more than one source needs a destination directory ending in /",
                            location)
     if instruction.chmod is not None and known(instruction.chmod):
-        from builder.copy import parse_chmod
+        from builder.fs.copy import parse_chmod
 
         try:
             parse_chmod(instruction.chmod, verb)
@@ -134,7 +134,7 @@ def check_chown_ids(spec: str, location: SourceRange | None) -> None:
     if _NUMERIC_CHOWN.fullmatch(spec):
         from pathlib import Path
 
-        from builder.users import resolve_chown
+        from builder.fs.users import resolve_chown
 
         try:
             resolve_chown(Path("/"), spec)  # numbers only: no file is read

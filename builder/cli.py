@@ -17,7 +17,7 @@ import click
 from parser.errors import PybuildError
 
 if TYPE_CHECKING:
-    from builder.sandbox import Interpreter
+    from builder.sandbox.parent import Interpreter
 
 
 class _BuildByDefault(click.Group):
@@ -284,8 +284,8 @@ def _start_sandbox_early(source: bytes) -> Interpreter | None:
     """
     if b"RUN" not in source.upper():
         return None
-    from builder.namespace import enter_build_namespace
-    from builder.sandbox import Interpreter
+    from builder.sandbox.namespace import enter_build_namespace
+    from builder.sandbox.parent import Interpreter
 
     enter_build_namespace()  # the sandbox must start inside it, to see the step's root
     return Interpreter()
@@ -307,7 +307,7 @@ def images(store_root: Path) -> None:
     The size is that of the compressed layers and config, as stored and as a registry receives them
     (docker and podman show the unpacked size, which is larger).
     """
-    from builder.store import ImageStore
+    from builder.oci.store import ImageStore
 
     store = ImageStore(_store_root(store_root))
     rows = [("REPOSITORY", "TAG", "IMAGE ID", "COMPRESSED SIZE")]
@@ -333,9 +333,9 @@ def _size(size: int) -> str:
 @click.pass_obj
 def rmi(store_root: Path, names: tuple[str, ...]) -> None:
     """Remove images from the local store, and free the layers no other image uses."""
-    from builder.namespace import enter_build_namespace
+    from builder.oci.store import ImageStore
     from builder.prune import exclusive_lease, free_unused
-    from builder.store import ImageStore
+    from builder.sandbox.namespace import enter_build_namespace
 
     root = _store_root(store_root)
     store = ImageStore(root)
@@ -357,8 +357,8 @@ def rmi(store_root: Path, names: tuple[str, ...]) -> None:
 @click.pass_obj
 def prune(store_root: Path) -> None:
     """Remove unnamed images, then free the blobs and unpacked layers no image uses (after running builds end)."""
-    from builder.namespace import enter_build_namespace
     from builder.prune import exclusive_lease, free_unused
+    from builder.sandbox.namespace import enter_build_namespace
 
     root = _store_root(store_root)
     enter_build_namespace()
@@ -381,9 +381,9 @@ def prune(store_root: Path) -> None:
 @click.pass_obj
 def save(store_root: Path, names: tuple[str, ...], output: Path) -> None:
     """Save images to an OCI archive (with a docker manifest.json) that podman, skopeo and docker load."""
-    from builder.exporter import write_oci_archive
+    from builder.oci.exporter import write_oci_archive
+    from builder.oci.store import ImageStore
     from builder.prune import shared_lease
-    from builder.store import ImageStore
 
     root = _store_root(store_root)
     store = ImageStore(root)
@@ -401,11 +401,11 @@ def load(store_root: Path, archive: Path) -> None:
 
     Their layers are unpacked now, as docker load and podman load do, so the first build on them starts at once.
     """
-    from builder.namespace import enter_build_namespace
+    from builder.fs.snapshot import Snapshots
+    from builder.oci.store import ImageStore
     from builder.prune import shared_lease
-    from builder.snapshot import Snapshots
+    from builder.sandbox.namespace import enter_build_namespace
     from builder.solver import unpack_layers
-    from builder.store import ImageStore
 
     if not archive.is_file():
         raise PybuildError(f"{archive}: no such file")
@@ -424,8 +424,8 @@ def load(store_root: Path, archive: Path) -> None:
 @click.pass_obj
 def inspect(store_root: Path, name: str) -> None:
     """Print an image's config as JSON."""
-    from builder.image import config_json
-    from builder.store import ImageStore
+    from builder.oci.image import config_json
+    from builder.oci.store import ImageStore
 
     stored = ImageStore(_store_root(store_root)).resolve(name)
     click.echo(json.dumps(json.loads(config_json(stored.image)), indent=2))

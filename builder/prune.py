@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.snapshot import Snapshots
-from builder.store import ImageStore
+from builder.fs.snapshot import Snapshots
+from builder.oci.store import ImageStore
 
 LEASE_FILE = "lease.lock"
 

@@ -20,14 +20,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from builder import image as oci
-from builder import sandbox
 from builder.checks import check_mount, check_network
+from builder.fs.pending_layers import PendingLayers
 from builder.graph import PREDEFINED_ARGS, BuildGraph, Stage, host_platform, platform_args
-from builder.linux import mark_top_directory
-from builder.namespace import UnmappedId, check_mapped
-from builder.pending_layers import PendingLayers
+from builder.oci import image as oci
 from builder.progress import Progress
+from builder.sandbox import parent as sandbox
+from builder.sandbox.linux import mark_top_directory
+from builder.sandbox.namespace import UnmappedId, check_mapped
 from builder.steps import STEPS, StageState, describe, heredoc_body, scratch_state
 from parser.errors import PybuildError
 from parser.flags import Mount, mount_id, mount_mode, mount_size
@@ -84,9 +84,9 @@ class Solver:
 
     def __init__(self, graph: BuildGraph, options: BuildOptions, progress: Progress, state_root: Path,
                  interpreter: sandbox.Interpreter | None = None) -> None:
-        from builder.context import BuildContext
-        from builder.snapshot import Snapshots, snapshotter
-        from builder.store import ImageStore
+        from builder.fs.context import BuildContext
+        from builder.fs.snapshot import Snapshots, snapshotter
+        from builder.oci.store import ImageStore
         from cache.blobs import BlobStore
 
         self.graph = graph
@@ -239,8 +239,8 @@ class StepContext:
 
     def _directory_state(self, name: str, directory: Path) -> StageState:
         """FROM a named context that is a directory: its files are the image's root filesystem."""
-        from builder.context import BuildContext
-        from builder.copy import copy_into
+        from builder.fs.context import BuildContext
+        from builder.fs.copy import copy_into
 
         if not directory.is_dir():
             raise PybuildError(f"--build-context {name}={directory}: no such directory")
@@ -276,7 +276,7 @@ class StepContext:
     @contextlib.contextmanager
     def mounted_image(self, image: oci.Image) -> Iterator[Path]:
         """A read-only view of an image's root filesystem (writes go to a throw-away upper dir)."""
-        from builder.snapshot import mounted_root
+        from builder.fs.snapshot import mounted_root
 
         scratch = self.solver.scratch_dir()
         try:
@@ -294,7 +294,7 @@ class StepContext:
             return
         named = self.solver.options.named_contexts.get(reference)
         if named is not None and not named.startswith(IMAGE_CONTEXT_PREFIXES):
-            from builder.context import BuildContext
+            from builder.fs.context import BuildContext
 
             yield BuildContext(Path(named))
             return
@@ -316,9 +316,9 @@ class StepContext:
 
         ``direct``: ``action`` writes only additions into an empty layer dir instead of a mounted root.
         """
-        from builder.diff import LowerView
-        from builder.layer import write_layer
-        from builder.snapshot import StepRoot, mounted_root
+        from builder.fs.diff import LowerView
+        from builder.fs.layer import write_layer
+        from builder.fs.snapshot import StepRoot, mounted_root
 
         solver = self.solver
         layers = () if independent else state.image.layers
@@ -350,8 +350,8 @@ class StepContext:
             shutil.rmtree(scratch, ignore_errors=True)
 
     def make_workdir(self, state: StageState, path: str) -> StageState:
-        from builder.copy import make_directory
-        from builder.users import resolve_user
+        from builder.fs.copy import make_directory
+        from builder.fs.users import resolve_user
 
         def action(root: Path) -> None:
             owner = None
@@ -371,9 +371,9 @@ class StepContext:
         Creating files through an overlay mount costs about ten times what it costs in a plain
         directory, and a copy never deletes anything, so its change needs no overlay upper dir.
         """
-        from builder.context import resolve_in_root
-        from builder.copy import container_path, copy_into, write_inline
-        from builder.users import resolve_chown
+        from builder.fs.context import resolve_in_root
+        from builder.fs.copy import container_path, copy_into, write_inline
+        from builder.fs.users import resolve_chown
 
         is_add = isinstance(expanded, Add)  # do_copy has checked the flags and destination (builder.checks)
         from_ = expanded.from_ if isinstance(expanded, Copy) else None
@@ -405,7 +405,7 @@ class StepContext:
     def run(self, state: StageState, instruction: Run, argv: tuple[str, ...], created_by: str,
             mounts: tuple[Mount, ...], network: str | None,
             scripts: tuple[tuple[str, bytes], ...] = ()) -> StageState:
-        from builder.users import resolve_user, user_home
+        from builder.fs.users import resolve_user, user_home
 
         network = network or self.solver.options.network
         check_network(network, instruction.location)
@@ -413,7 +413,7 @@ class StepContext:
         step = self.current_step
 
         def action(root: Path) -> None:
-            from builder.copy import make_directory
+            from builder.fs.copy import make_directory
 
             config = state.image.config
             ids = resolve_user(root, config.user)
@@ -450,7 +450,7 @@ class StepContext:
         check_mount(mount, instruction.location)
         kind = mount.type
         if kind == "bind":
-            from builder.context import BuildContext, PathEscape, SourceTree, resolve_in_root
+            from builder.fs.context import BuildContext, PathEscape, SourceTree, resolve_in_root
 
             source = stack.enter_context(self.source_root(mount.from_, instruction))
             base = source.root if isinstance(source, SourceTree) else source
@@ -474,7 +474,7 @@ class StepContext:
             writable = mount.readonly is False
             if writable:
                 # `rw`: the step may write, but what it writes is thrown away with the step.
-                from builder.snapshot import mounted_root
+                from builder.fs.snapshot import mounted_root
 
                 scratch = self.solver.scratch_dir()
                 stack.callback(shutil.rmtree, scratch, True)

@@ -12,10 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from builder import image as oci
 from builder.checks import check_copy, check_run, check_signal, exposed_ports
 from builder.graph import PREDEFINED_ARGS
-from builder.sandbox import HEREDOC_SCRIPT_DIR
+from builder.oci import image as oci
+from builder.sandbox.parent import HEREDOC_SCRIPT_DIR
 from parser.errors import PybuildError
 from parser.expand import expand
 from parser.instructions import (

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 from test_cli import run
 from test_store import file_entry, tar_bytes
 
-from builder.image import (
+from builder.fs.snapshot import Snapshots
+from builder.oci.image import (
     MEDIA_CONFIG,
     MEDIA_INDEX,
     MEDIA_LAYER,
@@ -38,9 +39,8 @@ from builder.image import (
     REF_NAME_ANNOTATION,
     canonical_json,
 )
-from builder.snapshot import Snapshots
+from builder.oci.store import ImageStore
 from builder.solver import unpack_layers
-from builder.store import ImageStore
 from parser.errors import PybuildError
 
 LAYERS = [

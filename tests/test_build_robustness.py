@@ -306,7 +306,7 @@ def test_only_the_built_images_layers_are_stored_as_blobs(store: Pybuild, tmp_pa
     directory = context(tmp_path, "FROM busybox-base AS gen\nRUN echo made > /g && head -c 9999 /dev/urandom > /r\n"
                         "FROM busybox-base AS final\nCOPY --from=gen /g /copied\nRUN cat /copied > /again\n")
     fresh.build(directory, "-t", "copied-only")
-    from builder.store import ImageStore
+    from builder.oci.store import ImageStore
 
     images = ImageStore(fresh.root).list()
     referenced = {digest for stored in images

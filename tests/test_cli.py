@@ -286,9 +286,9 @@ def test_unknown_option_is_a_usage_error(work: Path) -> None:
     ("statement", "loads_grammar"),
     [
         # what `pybuild images`, `rmi`, `inspect`, `save` and `load` import: no Dockerfile, no grammar library
-        ("import builder.store", False),
-        ("import builder.exporter", False),
-        ("import builder.solver, builder.snapshot, builder.namespace", False),
+        ("import builder.oci.store", False),
+        ("import builder.oci.exporter", False),
+        ("import builder.solver, builder.fs.snapshot, builder.sandbox.namespace", False),
         ("import builder.build, parser.instructions", False),
         # parsing does load it
         ("from parser.instructions import parse; parse(b'FROM scratch\\n')", True),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from builder.context import (
+from builder.fs.context import (
     BuildContext,
     PathEscape,
     PathMatcher,

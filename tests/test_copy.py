@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import zstandard
 
-from builder.context import BuildContext, SourceTree
-from builder.copy import container_path, copy_into, make_directory, parse_chmod, write_inline
+from builder.fs.context import BuildContext, SourceTree
+from builder.fs.copy import container_path, copy_into, make_directory, parse_chmod, write_inline
 from parser.errors import PybuildError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="COPY sets owners (lchown), which needs root")

@@ -21,9 +21,9 @@ from test_store import (
     run,
 )
 
-from builder.exporter import write_oci_archive, write_rootfs
-from builder.image import MEDIA_LAYER_GZIP, MEDIA_MANIFEST, Image
-from builder.store import ImageStore
+from builder.oci.exporter import write_oci_archive, write_rootfs
+from builder.oci.image import MEDIA_LAYER_GZIP, MEDIA_MANIFEST, Image
+from builder.oci.store import ImageStore
 from cache.blobs import CorruptBlobError
 from parser.errors import PybuildError
 

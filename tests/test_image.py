@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from builder.image import (
+from builder.oci.image import (
     MEDIA_LAYER_ZSTD,
     Descriptor,
     Healthcheck,

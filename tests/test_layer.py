@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from builder.image import MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD
-from builder.layer import write_layer, zstd_parameters
-from builder.untar import open_layer
+from builder.fs.layer import write_layer, zstd_parameters
+from builder.fs.untar import open_layer
+from builder.oci.image import MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD
 from parser.errors import PybuildError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set owners, devices and trusted xattrs")
@@ -210,7 +210,7 @@ def test_gnu_tar_lists_the_same_members(tmp_path: Path) -> None:
 MEASURE = """
 import io, os, resource, sys
 from pathlib import Path
-from builder.layer import write_layer, zstd_parameters
+from builder.fs.layer import write_layer, zstd_parameters
 upper = Path(sys.argv[1])
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 with open(os.devnull, "wb") as out:
@@ -262,7 +262,7 @@ HEADER_CASES = [
 
 @pytest.mark.parametrize(("info", "fast"), [case[1:] for case in HEADER_CASES], ids=[case[0] for case in HEADER_CASES])
 def test_fast_headers_equal_tarfiles(info: tarfile.TarInfo, fast: bool) -> None:
-    from builder.layer import _ustar_header
+    from builder.fs.layer import _ustar_header
 
     header = _ustar_header(info)
     if fast:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import make_busybox_rootfs, skip_if_chrooted, subordinate_ids_restored
 
-from builder.namespace import _map_arguments, read_id_map, subordinate_ranges
+from builder.sandbox.namespace import _map_arguments, read_id_map, subordinate_ranges
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="switching users and editing /etc/subuid need root")
@@ -56,8 +56,8 @@ def test_read_id_map(tmp_path: Path) -> None:
 
 AS_ROOT = """
 import dataclasses, json, os, sys
-from builder import linux
-from builder.namespace import enter_build_namespace
+from builder.sandbox import linux
+from builder.sandbox.namespace import enter_build_namespace
 namespace = enter_build_namespace()
 entered = os.readlink("/proc/self/ns/mnt")
 linux.mount("tmpfs", sys.argv[1], "tmpfs", 0)
@@ -90,8 +90,8 @@ ROOTLESS = """
 import dataclasses, json, sys
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-from builder.namespace import enter_build_namespace
-from builder import sandbox
+from builder.sandbox.namespace import enter_build_namespace
+from builder.sandbox import parent as sandbox
 namespace = enter_build_namespace()
 results = []
 for argv, fields in json.loads(sys.argv[3]):

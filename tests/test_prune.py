@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 from e2e import PYBUILD, REPO, Pybuild, build_base, require_root
 
-from builder import snapshot
+from builder.fs import snapshot
+from builder.fs.snapshot import Snapshots
+from builder.oci.store import ImageStore
 from builder.prune import LEASE_FILE, exclusive_lease, shared_lease
-from builder.snapshot import Snapshots
 from builder.solver import sweep_stale_scratch
-from builder.store import ImageStore
 
 
 def fake_snapshot(store: Path, seed: str) -> str:

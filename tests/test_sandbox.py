@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import make_busybox_rootfs
 
-from builder import sandbox
-from builder.sandbox import BindMount, SandboxError, SandboxSpec, SecretMount, TmpfsMount
+from builder.sandbox import parent as sandbox
+from builder.sandbox.parent import BindMount, SandboxError, SandboxSpec, SecretMount, TmpfsMount
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs root (or pybuild's user namespace)")
 PATH_ENV = (("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),)
@@ -347,7 +347,7 @@ def test_interrupted_run_kills_the_step(busybox_rootfs: Path) -> None:
 DRIVER = """
 import json, sys
 from pathlib import Path
-from builder import sandbox
+from builder.sandbox import parent as sandbox
 spec = sandbox.SandboxSpec(rootfs=Path(sys.argv[1]), argv=tuple(json.loads(sys.argv[2])), env=(("PATH", "/bin"),))
 sandbox.run(spec, lambda data: (sys.stdout.buffer.write(data), sys.stdout.flush()))
 """

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 from conftest import skip_if_chrooted
 
-from builder import linux, snapshot
-from builder.image import Layer
-from builder.layer import write_layer
-from builder.pending_layers import PendingLayers
-from builder.snapshot import Snapshots, Snapshotter, StepRoot, mounted_root
+from builder.fs import snapshot
+from builder.fs.layer import write_layer
+from builder.fs.pending_layers import PendingLayers
+from builder.fs.snapshot import Snapshots, Snapshotter, StepRoot, mounted_root
+from builder.oci.image import Layer
+from builder.sandbox import linux
 from cache.blobs import BlobStore
 from parser.errors import PybuildError
 
@@ -178,7 +179,7 @@ def test_overlay_and_copy_write_identical_layers(store: Store, monkeypatch: pyte
 
 
 def _plain(blob: bytes) -> bytes:
-    from builder.untar import open_layer
+    from builder.fs.untar import open_layer
 
     return open_layer(io.BytesIO(blob)).read()
 
@@ -308,10 +309,10 @@ def test_unknown_snapshotter_is_an_error(tmp_path: Path, monkeypatch: pytest.Mon
 ROOTLESS = """
 import io, os, shutil, sys, tarfile
 from pathlib import Path
-from builder import snapshot
-from builder.layer import write_layer
-from builder.snapshot import Snapshots, mounted_root
-from builder.untar import open_layer
+from builder.fs import snapshot
+from builder.fs.layer import write_layer
+from builder.fs.snapshot import Snapshots, mounted_root
+from builder.fs.untar import open_layer
 
 state = Path(sys.argv[1])
 snapshots = Snapshots(state / "snapshots")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from builder.image import Healthcheck, config_json
+from builder.oci.image import Healthcheck, config_json
 from builder.steps import STEPS, StageState, go_duration, scratch_state
 from parser import parse
 

@@ -22,9 +22,9 @@ import pytest
 import zstandard
 from conftest import skip_if_chrooted
 
-from builder.exporter import write_oci_archive
 from builder.graph import host_platform
-from builder.image import (
+from builder.oci.exporter import write_oci_archive
+from builder.oci.image import (
     MEDIA_CONFIG,
     MEDIA_INDEX,
     MEDIA_LAYER,
@@ -42,7 +42,7 @@ from builder.image import (
     index_json,
     manifest_json,
 )
-from builder.store import (
+from builder.oci.store import (
     GC_GRACE_SECONDS,
     MAX_INDEX_DEPTH,
     ImageStore,

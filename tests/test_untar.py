@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from builder.untar import extract_tar, open_archive, open_layer
+from builder.fs.untar import extract_tar, open_archive, open_layer
 from parser.errors import PybuildError
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to set owners and create device nodes")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from builder.image import Image, ImageConfig
+from builder.fs.users import UserIds, resolve_chown, resolve_user, user_home
+from builder.oci.image import Image, ImageConfig
 from builder.steps import StageState
-from builder.users import UserIds, resolve_chown, resolve_user, user_home
 from parser.errors import PybuildError
 
 PASSWD = """root:x:0:0:root:/root:/bin/sh

@@ -33,9 +33,9 @@ from pathlib import Path
 
 import zstandard
 
-from builder.context import BuildContext, PathMatcher, SourceMatch, SourceTree, has_wildcards, resolve_in_root
-from builder.namespace import check_mapped
-from builder.untar import extract_tar, open_archive
+from builder.fs.context import BuildContext, PathMatcher, SourceMatch, SourceTree, has_wildcards, resolve_in_root
+from builder.fs.untar import extract_tar, open_archive
+from builder.sandbox.namespace import check_mapped
 from parser.errors import PybuildError
 
 _OCTAL = re.compile(r"[0-7]+")

@@ -21,14 +21,14 @@ from typing import BinaryIO, Literal
 
 import zstandard
 
-from builder.image import MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, Layer
-from builder.untar import (
+from builder.fs.untar import (
     OPAQUE_MARKER,
     OVERLAY_XATTR_PREFIXES,
     WHITEOUT_PREFIX,
     XATTR_PAX_PREFIX,
     is_overlay_whiteout,
 )
+from builder.oci.image import MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, Layer
 from parser.errors import PybuildError
 
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")

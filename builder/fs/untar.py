@@ -30,7 +30,7 @@ from typing import BinaryIO, Literal
 
 import zstandard
 
-from builder.namespace import check_mapped
+from builder.sandbox.namespace import check_mapped
 from parser.errors import PybuildError
 
 WHITEOUT_PREFIX = ".wh."

@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.context import resolve_in_root
+from builder.fs.context import resolve_in_root
 from parser.errors import PybuildError
 
 MAX_ID = 2**31 - 1  # runc's limit for uids and gids

@@ -9,7 +9,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder import linux
+from builder.sandbox import linux
 from parser.errors import PybuildError
 
 SUBUID = Path("/etc/subuid")

@@ -12,7 +12,7 @@ import stat
 import struct
 import sys
 
-from builder import linux
+from builder.sandbox import linux
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SIGKILL = 9
@@ -58,7 +58,7 @@ class SetupError(Exception):
 
 
 def main() -> None:
-    """Started as a fresh interpreter by ``builder.sandbox``; the plan (a marshalled dict) comes on a pipe.
+    """Started as a fresh interpreter by ``builder.sandbox.parent``; the plan (a marshalled dict) comes on a pipe.
 
     Forks once: the child is PID 1 of the new PID namespace and becomes the command, while this process
     waits and exits with the command's status. Setup failures go, one line, to the status pipe; that pipe

@@ -18,8 +18,8 @@ from parser.errors import PybuildError
 MAX_SYMLINKS = 40
 HEREDOC_SCRIPT_DIR = "/dev/pipes"  # where BuildKit shows a RUN heredoc that starts with #!
 # The interpreter is started isolated and without site for speed; the package is found by its own location.
-_BOOT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
-         "from builder.sandbox_init import main; main()")
+_BOOT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
+         "from builder.sandbox.child import main; main()")
 
 
 @dataclass
@@ -79,7 +79,7 @@ class SandboxError(PybuildError):
 
 
 class Interpreter:
-    """A sandbox process started ahead of its step: ``builder.sandbox_init`` waiting on a pipe for its plan.
+    """A sandbox process started ahead of its step: ``builder.sandbox.child`` waiting on a pipe for its plan.
 
     Starting the interpreter is most of a RUN's fixed cost (about 14 ms); one started while the builder
     mounts the root, or while the previous step runs, is ready when the plan is. The thread that starts
@@ -183,7 +183,7 @@ def run(spec: SandboxSpec, on_output: Callable[[bytes], None], interpreter: Inte
     """Run the command and return its exit status, 128 + the signal number if a signal killed it.
 
     Mount points missing in the rootfs are created for the run and removed after it. The plan goes to
-    ``builder.sandbox_init`` on a pipe (it may name secret files, so never on the command line or in the
+    ``builder.sandbox.child`` on a pipe (it may name secret files, so never on the command line or in the
     environment); all mounting happens in that child's private mount namespace, so none outlives it.
     ``interpreter``, one started ahead (it is used up), saves starting one now.
     Safe to call from several threads at once: it changes no process-wide state.

@@ -14,7 +14,7 @@ config, or any unique prefix of an image ID, as in docker. A reference that read
 up as a name first, so an image named ``abc`` wins over an image whose ID starts with ``abc``.
 
 Every JSON document read from an archive, a layout or the store is checked for its types before use
-(see ``builder.image``): a malformed one is a PybuildError naming where it came from, never a traceback.
+(see ``builder.oci.image``): a malformed one is a PybuildError naming where it came from, never a traceback.
 
 index.json is only ever replaced by a rename, so readers need no lock; writers serialize their
 read-modify-write cycles with ``fcntl.flock`` on ``index.lock``.
@@ -39,8 +39,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from builder.fs.untar import BoundedTarInfo, DamagedArchive
 from builder.graph import host_platform
-from builder.image import (
+from builder.oci.image import (
     DOCKER_LAYER,
     DOCKER_LAYER_GZIP,
     DOCKER_MANIFEST,
@@ -64,7 +65,6 @@ from builder.image import (
     manifest_json,
     parse_json,
 )
-from builder.untar import BoundedTarInfo, DamagedArchive
 from cache.blobs import CHUNK, BlobStore, CorruptBlobError, digest_hex
 from parser.errors import PybuildError
 

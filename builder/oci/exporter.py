@@ -19,7 +19,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import BinaryIO
 
-from builder.image import (
+from builder.fs.untar import extract_tar, open_layer
+from builder.oci.image import (
     MEDIA_LAYER,
     MEDIA_LAYER_GZIP,
     REF_NAME_ANNOTATION,
@@ -28,8 +29,7 @@ from builder.image import (
     canonical_json,
     index_json,
 )
-from builder.store import CONTAINERD_NAME_ANNOTATION, OCI_LAYOUT, ImageStore, atomic_file, full_name, normalize_name
-from builder.untar import extract_tar, open_layer
+from builder.oci.store import CONTAINERD_NAME_ANNOTATION, OCI_LAYOUT, ImageStore, atomic_file, full_name, normalize_name
 from parser.errors import PybuildError
 
 

@@ -21,8 +21,8 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from builder.layer import is_opaque_dir
-from builder.untar import OPAQUE_MARKER, OVERLAY_XATTR_PREFIXES, WHITEOUT_PREFIX, is_overlay_whiteout
+from builder.fs.layer import is_opaque_dir
+from builder.fs.untar import OPAQUE_MARKER, OVERLAY_XATTR_PREFIXES, WHITEOUT_PREFIX, is_overlay_whiteout
 from parser.errors import PybuildError
 
 _CHUNK = 1 << 20

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
-from builder.diff import LowerView, diff_tree, materialize
-from builder.linux import MNT_DETACH, mark_top_directory, mount, umount
-from builder.untar import extract_tar, open_layer
+from builder.fs.diff import LowerView, diff_tree, materialize
+from builder.fs.untar import extract_tar, open_layer
+from builder.sandbox.linux import MNT_DETACH, mark_top_directory, mount, umount
 from parser.errors import PybuildError
 
 SNAPSHOTTER_ENV = "PYBUILD_SNAPSHOTTER"

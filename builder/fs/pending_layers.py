@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from builder.image import Layer
+from builder.oci.image import Layer
 from cache.blobs import BlobStore
 from parser.errors import PybuildError
 
@@ -74,8 +74,8 @@ class PendingLayers:
         return self._future(layer).result() if layer.pending else layer
 
     def _write(self, diff_id: str, source: LayerSource) -> Layer:
-        from builder.diff import LowerView
-        from builder.layer import write_layer
+        from builder.fs.diff import LowerView
+        from builder.fs.layer import write_layer
 
         lower_stat = None if source.lowers is None else LowerView(source.lowers).stat
         with self.blobs.writer() as out:

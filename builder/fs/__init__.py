@@ -1,0 +1,1 @@
+"""Filesystems of steps: the build context, copying, overlay snapshots, and layer tars in and out."""
