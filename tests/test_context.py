@@ -54,6 +54,59 @@ IGNORE_CASES = [
     (["a**b"], "a/x/b", True),  # ** not followed by / still spans directories
     ([".*"], ".env", True),
     ([".*"], "dir/.env", False),
+    # exceptions below an excluded directory
+    (["build", "!build/keep"], "build", True),  # the directory itself stays excluded, only searched
+    (["build", "!build/keep"], "build/keep/deep/f", False),  # re-included with everything below it
+    (["build", "!build/*.txt"], "build/a.txt", False),
+    (["build", "!build/*.txt"], "build/sub/a.txt", True),  # * stays within one segment
+    (["build", "!build/keep", "build/keep/*.tmp"], "build/keep/x.tmp", True),  # excluded again, later
+    (["build", "!build/keep", "build/keep/*.tmp"], "build/keep/x", False),
+    (["!build/keep", "build"], "build/keep/f", True),  # an exception before what it should beat loses
+    (["**/*.log", "!important.log"], "important.log", False),
+    (["**/*.log", "!important.log"], "d/important.log", True),  # exceptions get no implicit depth either
+    (["*", "!src", "src/*.tmp"], "src/a.tmp", True),
+    (["*", "!src", "src/*.tmp"], "src/a.py", False),
+    (["a", "  ", "!a"], "a", False),  # a blank pattern is skipped, not counted
+    # ** forms
+    (["**/node_modules"], "node_modules/x", True),
+    (["**/node_modules"], "a/b/node_modules/x", True),
+    (["**/node_modules"], "a/xnode_modules", False),
+    (["a/**/b"], "a/b", True),  # ** may match no segment at all
+    (["a/**/b"], "a/x/y/b", True),
+    (["a/**/b"], "a/xb", False),
+    (["**/"], "x/y", True),  # cleaned to **
+    (["a/**/"], "a/b", True),
+    (["a/**/"], "a", False),
+    (["**/**/x"], "a/x", True),
+    (["**/*.py[co]"], "x/y/m.pyc", True),
+    # character classes, as Go's filepath.Match reads them
+    (["[abc].txt"], "b.txt", True),
+    (["[abc].txt"], "d.txt", False),
+    (["[!a].txt"], "!.txt", True),  # ! is a member here, not a negation as in .gitignore
+    (["[!a].txt"], "b.txt", False),
+    (["[^a].txt"], "b.txt", True),
+    (["file[0-9]"], "file7", True),
+    (["file[0-9]"], "filex", False),
+    (["[a-c]/x"], "b/x/y", True),
+    # escaped characters
+    (["\\[x\\]"], "[x]", True),
+    (["\\[x\\]"], "x", False),
+    (["a\\?"], "a?", True),
+    (["a\\?"], "ab", False),
+    (["\\!keep"], "!keep", True),  # a pattern, not an exception
+    (["\\#note"], "#note", True),  # a line starting with # would be a comment
+    (["a\\\\b"], "a\\b", True),
+    (["sp\\ ace"], "sp ace", True),
+    # leading / or ./, and other paths to clean
+    (["/a/b"], "a/b/c", True),
+    (["//a"], "a", True),
+    (["./a"], "a", True),
+    (["./*.txt"], "x.txt", True),
+    (["./*.txt"], "d/x.txt", False),
+    (["a/./b/../c"], "a/c", True),
+    (["build", "!/build/keep"], "build/keep", False),
+    (["build", "!./build/keep/"], "build/keep/f", False),
+    (["/"], "a", False),  # the root itself is never a path below it
 ]
 
 
@@ -62,11 +115,31 @@ def test_ignore_rules(patterns: list[str], path: str, excluded: bool) -> None:
     assert PathMatcher(patterns, origin=".dockerignore").excluded(path) is excluded
 
 
+@pytest.mark.parametrize(("patterns", "path", "excluded"), IGNORE_CASES)
+def test_walking_down_with_parent_states_agrees(patterns: list[str], path: str, excluded: bool) -> None:
+    """A tree walk passes each directory's state to its entries: the same answer as matching the path alone."""
+    matcher = PathMatcher(patterns, origin=".dockerignore")
+    state = None
+    parts = path.split("/")
+    for depth in range(1, len(parts) + 1):
+        state = matcher.state("/".join(parts[:depth]), state)
+    assert state == matcher.state_of(path)
+    assert matcher.is_excluded(state) is excluded
+
+
+@pytest.mark.parametrize(("patterns", "truth"), [([], False), (["", "  "], False), (["a"], True)])
+def test_a_matcher_without_patterns_is_false(patterns: list[str], truth: bool) -> None:
+    """Callers drop a false matcher and skip matching altogether."""
+    assert bool(PathMatcher(patterns, origin=".dockerignore")) is truth
+
+
 @pytest.mark.parametrize(("patterns", "directory", "reinclude"), [
     (["build", "!build/out/keep"], "build", True),
     (["build", "!build/out/keep"], "build/out", True),
     (["build", "!build/out/keep"], "other", False),
     (["build", "!**/keep"], "build", False),  # BuildKit only looks for a literal prefix
+    (["build", "!/build/keep"], "build", True),  # exceptions are cleaned before the prefix test
+    (["build", "!./build/keep/"], "build", True),
 ])
 def test_excluded_directories_searched_only_for_named_exceptions(patterns: list[str], directory: str,
                                                                  reinclude: bool) -> None:
@@ -81,6 +154,14 @@ def test_ignore_file_syntax() -> None:
 def test_bad_ignore_pattern_is_one_clear_error() -> None:
     with pytest.raises(PybuildError, match=r"\.dockerignore: invalid pattern '\[a': syntax error in pattern"):
         PathMatcher(["[a"], origin=".dockerignore")
+
+
+@pytest.mark.parametrize(("pattern", "shown"), [("  ![a  ", "![a"), ("a\\", "a\\\\"), ("[c-a]", "[c-a]"),
+                                                ("x/[]a]", "x/[]a]")])
+def test_each_bad_pattern_is_named_with_its_origin(pattern: str, shown: str) -> None:
+    message = f"COPY --exclude: invalid pattern '{shown}': syntax error in pattern"
+    with pytest.raises(PybuildError, match=re.escape(message)):
+        PathMatcher(["ok", pattern], origin="COPY --exclude")
 
 
 @pytest.mark.parametrize(("pattern", "double_star", "matches", "misses"), [

@@ -9,6 +9,7 @@ on the function that decides.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import posixpath
 import re
@@ -17,8 +18,13 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from parser.errors import PybuildError
+
+if TYPE_CHECKING:
+    from pathspec import PathSpec
+    from pathspec.pattern import RegexPattern
 
 MAX_SYMLINKS = 40  # what Linux allows while resolving one path
 
@@ -158,71 +164,110 @@ def translate(pattern: str, *, double_star: bool) -> str:
     return "".join(out)
 
 
-@dataclass
-class _Rule:
-    """One line of a .dockerignore (or --exclude) pattern list, compiled."""
+def _clean_ignore_pattern(line: str) -> tuple[str, bool]:
+    """One pattern line as BuildKit reads it: the pattern cleaned, and whether it is a ``!`` exception.
 
-    text: str
-    exception: bool
-    regex: re.Pattern[str]
+    Spaces around the line and after ``!`` go, the path is cleaned (``./a/../b/`` is ``b``) and a
+    leading ``/`` dropped: every pattern is relative to the tree's root anyway.
+    """
+    text = line.strip()
+    exception = text.startswith("!")
+    if exception:
+        text = text[1:].strip()
+    if text:
+        text = posixpath.normpath(text)
+        if len(text) > 1:
+            text = text.lstrip("/")
+    return text, exception
 
 
-MatchState = tuple[bool, ...]
-"""For each pattern of a ``PathMatcher``: whether it matches a path or one of the path's parents."""
+@functools.cache
+def _ignore_pattern_class() -> type[RegexPattern]:
+    """pathspec's pattern class for one .dockerignore line, defined on first use.
+
+    Importing pathspec adds about 7 ms to start-up, which only builds with ignore or ``--exclude``
+    patterns should pay.
+    """
+    from pathspec.pattern import RegexPattern
+
+    class DockerIgnorePattern(RegexPattern):
+        """One .dockerignore (or ``--exclude``) line. The spec holds what is excluded, so ``!`` is ``include=False``.
+
+        The regex also matches everything below a match, as a pattern naming a directory excludes its
+        contents. None of pathspec's own classes would do: gitignore patterns match at any depth unless
+        anchored, read ``[!...]`` as a negated class where Go reads ``!`` literally, accept malformed
+        classes, and let ``**`` cross directories only as a whole segment (``a**b`` does in Docker).
+        """
+
+        __slots__ = ()
+
+        @classmethod
+        def pattern_to_regex(cls, pattern: str) -> tuple[str | None, bool | None]:
+            text, exception = _clean_ignore_pattern(pattern)
+            if not text:
+                return None, None  # a blank pattern is pathspec's no-op
+            # (?s): a file name may hold a newline, which ** must cross too.
+            return rf"(?s)\A(?:{translate(text, double_star=True)})(?:/.*)?\Z", not exception
+
+    return DockerIgnorePattern
+
+
+MatchState = int
+"""For a ``PathMatcher``: the index of the last pattern matching a path or one of its parents (-1: none)."""
+
+NO_MATCH: MatchState = -1
 
 
 class PathMatcher:
     """Docker's exclusion rules (.dockerignore, ``COPY --exclude``) for paths relative to a tree root.
 
     A pattern excludes a path when it matches the path or any parent directory of it, and the last
-    pattern that matches decides (``!`` patterns re-include). This is BuildKit's
-    ``MatchesUsingParentResults`` without its skipping shortcut, which can leave a child excluded
-    although an earlier ``!`` pattern matched its parent.
+    pattern that matches decides (``!`` patterns re-include): pathspec's last-match-wins over one
+    ``DockerIgnorePattern`` per line. This is BuildKit's ``MatchesUsingParentResults`` without its
+    skipping shortcut, which can leave a child excluded although an earlier ``!`` pattern matched its parent.
     """
 
     def __init__(self, patterns: Sequence[str], *, origin: str) -> None:
         rules = []
-        for raw in patterns:
-            text = raw.strip()
-            exception = text.startswith("!")
-            if exception:
-                text = text[1:].strip()
-            if not text:
-                continue
-            text = posixpath.normpath(text)
-            if len(text) > 1 and text.startswith("/"):
-                text = text.lstrip("/")
+        for line in patterns:
             try:
-                regex = re.compile(translate(text, double_star=True), re.DOTALL)
+                rule = _ignore_pattern_class()(line)
             except (ValueError, re.error):
-                raise PybuildError(f"{origin}: invalid pattern {raw.strip()!r}: syntax error in pattern") from None
-            rules.append(_Rule(text, exception, regex))
+                raise PybuildError(f"{origin}: invalid pattern {line.strip()!r}: syntax error in pattern") from None
+            if rule.include is not None:
+                rules.append(rule)
         self.rules = tuple(rules)
-        self.exception_prefixes = tuple(rule.text + "/" for rule in rules if rule.exception)
+        self.exception_prefixes = tuple(_clean_ignore_pattern(rule.pattern)[0] + "/"
+                                        for rule in rules if not rule.include)
+        self._specs_from: tuple[PathSpec, ...] = ()  # the spec of the patterns from each index on, for state()
+        if rules:
+            from pathspec import PathSpec  # here, not at the top: see _ignore_pattern_class
+
+            # pathspec's plain backend: the optional re2 and hyperscan ones read regexes in their own dialects.
+            self._specs_from = tuple(PathSpec(rules[start:], backend="simple") for start in range(len(rules)))
 
     def __bool__(self) -> bool:
         return bool(self.rules)
 
     def state(self, rel: str, parent: MatchState | None = None) -> MatchState:
-        """The match state of ``rel`` given its parent's (``None`` for a top-level path)."""
-        if parent is None:
-            return tuple(bool(rule.regex.fullmatch(rel)) for rule in self.rules)
-        return tuple(inherited or bool(rule.regex.fullmatch(rel)) for rule, inherited in zip(self.rules, parent,
-                                                                                             strict=True))
+        """The match state of ``rel`` given its parent's (``None`` for a top-level path, or to try every pattern).
+
+        Whatever matched the parent matches ``rel`` too, so only the patterns after the parent's
+        deciding one are tried: a path below an excluded directory costs only the patterns that follow.
+        """
+        decided = NO_MATCH if parent is None else parent
+        start = decided + 1
+        if start == len(self.rules):
+            return decided
+        index = self._specs_from[start].check_file(rel).index
+        return decided if index is None else start + index
 
     def state_of(self, rel: str) -> MatchState:
-        """The match state of any path, computed from its top-level parent down."""
-        state: MatchState | None = None
-        parts = rel.split("/")
-        for depth in range(1, len(parts) + 1):
-            state = self.state("/".join(parts[:depth]), state)
-        return state if state is not None else ()
+        """The match state of any path: each pattern matches below what it names, so no walk from the top."""
+        return self.state(rel)
 
     def is_excluded(self, state: MatchState) -> bool:
-        for rule, matched in zip(reversed(self.rules), reversed(state), strict=True):
-            if matched:
-                return not rule.exception
-        return False
+        return state != NO_MATCH and bool(self.rules[state].include)
 
     def excluded(self, rel: str) -> bool:
         return self.is_excluded(self.state_of(rel))
