@@ -12,9 +12,9 @@ from builder.graph import build_graph, host_platform
 from builder.oci.image import config_json, sha256_digest
 from builder.oci.store import atomic_file
 from builder.progress import make_progress
-from builder.prune import shared_lease
 from builder.sandbox.parent import Interpreter
 from builder.solver import BuildOptions, SecretSource, Solver
+from cache.leases import shared_lease
 from parser.errors import PybuildError
 from parser.instructions import Dockerfile
 
@@ -39,6 +39,8 @@ class BuildRequest:
     platform: str | None = None
     progress: str = "auto"
     source_date_epoch: int = 0
+    no_cache: bool = False
+    no_cache_stages: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -75,7 +77,8 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                 context=request.context, build_args=request.build_args, target=request.target,
                 compression=request.compression, secrets=request.secrets, network=request.network,
                 named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
-                dockerfile_path=request.dockerfile_path,
+                dockerfile_path=request.dockerfile_path, no_cache=request.no_cache,
+                no_cache_stages=request.no_cache_stages,
             )
             solver = Solver(graph, options, progress, root, interpreter)
             image = solver.solve()

@@ -193,6 +193,8 @@ def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
 @click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="Set a build-time variable.")
 @click.option("--target", help="Build this stage and the stages it needs, not the last one.")
 @click.option("--no-cache", is_flag=True, help="Do not use the cache when building the image.")
+@click.option("--no-cache-filter", "no_cache_filter", multiple=True, metavar="STAGE[,STAGE]",
+              help="Do not use the cache for these stages (names or indexes).")
 @click.option("--progress", type=click.Choice(["auto", "plain", "tty", "quiet", "json"]), default="auto",
               show_default=True, help="How to show progress.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image ID (same as --progress=quiet).")
@@ -212,7 +214,8 @@ def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
 @click.option("--platform", help="Target platform; only this machine's is supported so far.")
 @click.pass_obj
 def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ...], build_args: tuple[str, ...],
-          target: str | None, no_cache: bool, progress: str, quiet: bool, outputs: tuple[str, ...],
+          target: str | None, no_cache: bool, no_cache_filter: tuple[str, ...], progress: str, quiet: bool,
+          outputs: tuple[str, ...],
           iidfile: Path | None, metadata_file: Path | None, secrets: tuple[str, ...], network: str,
           build_contexts: tuple[str, ...], compression: str | None, platform: str | None) -> None:
     """Build an image from the Dockerfile in CONTEXT."""
@@ -261,6 +264,9 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
             platform=platform,
             progress="quiet" if quiet else progress,
             source_date_epoch=_source_date_epoch(_key_values(build_args, "--build-arg")),
+            no_cache=no_cache,
+            no_cache_stages=frozenset(name.strip() for text in no_cache_filter for name in text.split(",")
+                                      if name.strip()),
         )
         run_build(request, root, interpreter=interpreter)
     except PybuildError as exc:
@@ -328,14 +334,45 @@ def _size(size: int) -> str:
     return str(size)
 
 
+def _free_unused(root: Path, *, unnamed_images: bool = False, drop_cache: bool = False):
+    """Free what no image (and unless ``drop_cache``, no step cache entry) uses; the caller holds the lease."""
+    from builder.fs.snapshot import Snapshots
+    from builder.oci.store import ImageStore
+    from cache.gc import free_unused
+
+    return free_unused(ImageStore(root), Snapshots(root / "snapshots"), root / "cache",
+                       unnamed_images=unnamed_images, drop_cache=drop_cache)
+
+
+def _free_when_idle(root: Path, **what: bool):
+    """``_free_unused`` once no build runs on the store (saying so when it has to wait)."""
+    from cache.leases import exclusive_lease
+
+    with exclusive_lease(root, wait=False) as held:
+        if held:
+            return _free_unused(root, **what)
+    click.echo("Waiting for the builds running on this store to end...", err=True)
+    with exclusive_lease(root, wait=True):
+        return _free_unused(root, **what)
+
+
+def _report(freed) -> None:
+    for image_id in freed.images:
+        click.echo(f"Deleted: {image_id}")
+    if freed.cache_entries:
+        click.echo(f"Deleted {freed.cache_entries} build cache entries")
+    click.echo(f"Deleted {freed.blobs} blobs and {freed.snapshots} unpacked layers")
+    click.echo(f"Total reclaimed space: {_size(freed.bytes)}")
+
+
 @cli.command()
 @click.argument("names", nargs=-1, required=True)
 @click.pass_obj
 def rmi(store_root: Path, names: tuple[str, ...]) -> None:
-    """Remove images from the local store, and free the layers no other image uses."""
+    """Remove images from the local store, and free the layers no other image and no cached step uses."""
     from builder.oci.store import ImageStore
-    from builder.prune import exclusive_lease, free_unused
     from builder.sandbox.namespace import enter_build_namespace
+    from cache.leases import exclusive_lease
 
     root = _store_root(store_root)
     store = ImageStore(root)
@@ -348,7 +385,7 @@ def rmi(store_root: Path, names: tuple[str, ...]) -> None:
     enter_build_namespace()  # a rootless store's layers hold files of the namespace's users
     with exclusive_lease(root, wait=False) as held:
         if held:
-            free_unused(root)
+            _free_unused(root)
     if not held:
         click.echo("The layers stay while a build runs on this store: `pybuild prune` frees them after it.", err=True)
 
@@ -356,22 +393,55 @@ def rmi(store_root: Path, names: tuple[str, ...]) -> None:
 @cli.command()
 @click.pass_obj
 def prune(store_root: Path) -> None:
-    """Remove unnamed images, then free the blobs and unpacked layers no image uses (after running builds end)."""
-    from builder.prune import exclusive_lease, free_unused
+    """Remove unnamed images and the build cache, then free the blobs and unpacked layers no image uses
+    (after running builds end)."""
     from builder.sandbox.namespace import enter_build_namespace
 
     root = _store_root(store_root)
     enter_build_namespace()
-    with exclusive_lease(root, wait=False) as held:
-        freed = free_unused(root, unnamed_images=True) if held else None
-    if freed is None:
-        click.echo("Waiting for the builds running on this store to end...", err=True)
-        with exclusive_lease(root, wait=True):
-            freed = free_unused(root, unnamed_images=True)
-    for image_id in freed.images:
-        click.echo(f"Deleted: {image_id}")
-    click.echo(f"Deleted {freed.blobs} blobs and {freed.snapshots} unpacked layers")
-    click.echo(f"Total reclaimed space: {_size(freed.bytes)}")
+    _report(_free_when_idle(root, unnamed_images=True, drop_cache=True))
+
+
+@cli.group()
+def cache() -> None:
+    """The build cache: what it holds, and freeing it."""
+
+
+@cache.command("prune")
+@click.pass_obj
+def cache_prune(store_root: Path) -> None:
+    """Remove the build cache, and free the layers no image uses (after running builds end)."""
+    from builder.sandbox.namespace import enter_build_namespace
+
+    root = _store_root(store_root)
+    enter_build_namespace()
+    _report(_free_when_idle(root, drop_cache=True))
+
+
+@cache.command("du")
+@click.pass_obj
+def cache_du(store_root: Path) -> None:
+    """Show what the build cache holds: entries, and the layers only it keeps."""
+    from builder.fs.snapshot import Snapshots
+    from builder.oci.store import ImageStore
+    from cache.gc import cached_layers
+    from cache.index import StepIndex
+
+    root = _store_root(store_root)
+    entries = len(StepIndex(root / "cache").stored_keys())
+    layers, blobs = cached_layers(root / "cache")
+    used = {layer.diff_id for stored in ImageStore(root).list() for layer in stored.image.layers}
+    only_cache = layers - used
+    snapshots = Snapshots(root / "snapshots")
+    snapshot_bytes = sum(snapshots.size(diff_id) for diff_id in only_cache if snapshots.has(diff_id))
+    blob_bytes = sum(path.stat().st_size for digest in blobs
+                     if (path := ImageStore(root).blobs.path(digest)).exists())
+    click.echo(f"{'KIND':<22}{'COUNT':>8}{'SIZE':>12}")
+    click.echo(f"{'cache entries':<22}{entries:>8}{'':>12}")
+    click.echo(f"{'layers only cached':<22}{len(only_cache):>8}{_size(snapshot_bytes):>12}")
+    click.echo(f"{'cached layer blobs':<22}{len(blobs):>8}{_size(blob_bytes):>12}")
+    click.echo(f"Reclaimable by `pybuild cache prune`: {_size(snapshot_bytes)} of unpacked layers and the blobs "
+               "no image uses")
 
 
 @cli.command()
@@ -383,7 +453,7 @@ def save(store_root: Path, names: tuple[str, ...], output: Path) -> None:
     """Save images to an OCI archive (with a docker manifest.json) that podman, skopeo and docker load."""
     from builder.oci.exporter import write_oci_archive
     from builder.oci.store import ImageStore
-    from builder.prune import shared_lease
+    from cache.leases import shared_lease
 
     root = _store_root(store_root)
     store = ImageStore(root)
@@ -403,9 +473,9 @@ def load(store_root: Path, archive: Path) -> None:
     """
     from builder.fs.snapshot import Snapshots
     from builder.oci.store import ImageStore
-    from builder.prune import shared_lease
     from builder.sandbox.namespace import enter_build_namespace
     from builder.solver import unpack_layers
+    from cache.leases import shared_lease
 
     if not archive.is_file():
         raise PybuildError(f"{archive}: no such file")

@@ -15,7 +15,10 @@ import time
 import unicodedata
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from cache.keys import MissCause
 
 TAIL_LINES = 6
 # What a terminal would act on instead of showing: escape sequences and other control characters.
@@ -98,6 +101,11 @@ class Progress:
         with self.lock:
             self._message(text)
 
+    def cache_miss(self, number: int, cause: MissCause) -> None:
+        """A step runs that the previous build of the same target had cached, for ``cause``."""
+        with self.lock:
+            self._cache_miss(self.steps[number - 1], cause)
+
     def result(self, image_id: str, manifest_digest: str, names: tuple[str, ...]) -> None:
         with self.lock:
             self._result(image_id, manifest_digest, names)
@@ -115,6 +123,7 @@ class Progress:
     def _line(self, step: StepView, text: str) -> None: ...
     def _finished(self, step: StepView) -> None: ...
     def _message(self, text: str) -> None: ...
+    def _cache_miss(self, step: StepView, cause: MissCause) -> None: ...
     def _result(self, image_id: str, manifest_digest: str, names: tuple[str, ...]) -> None: ...
     def _close(self) -> None: ...
 
@@ -133,8 +142,14 @@ class PlainProgress(Progress):
         self._write(f"#{step.number} {time.monotonic() - step.started:.3f} {text}")
 
     def _finished(self, step: StepView) -> None:
-        word = {"done": "DONE", "cached": "CACHED", "error": "ERROR"}[step.state]
+        if step.state == "cached":  # as BuildKit writes it
+            self._write(f"#{step.number} CACHED")
+            return
+        word = {"done": "DONE", "error": "ERROR"}[step.state]
         self._write(f"#{step.number} {word} {step.finished - step.started:.1f}s")
+
+    def _cache_miss(self, step: StepView, cause: MissCause) -> None:
+        self._write(f"#{step.number} cache miss: {cause.text}")
 
     def _message(self, text: str) -> None:
         self._write(text)
@@ -173,6 +188,9 @@ class JsonProgress(Progress):
 
     def _message(self, text: str) -> None:
         self._emit(event="message", text=text)
+
+    def _cache_miss(self, step: StepView, cause: MissCause) -> None:
+        self._emit(event="cache", step=step.number, hit=False, cause=cause.kind, text=cause.text, **cause.details)
 
     def _result(self, image_id: str, manifest_digest: str, names: tuple[str, ...]) -> None:
         self._emit(event="result", image_id=image_id, manifest=manifest_digest, names=list(names))

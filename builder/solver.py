@@ -24,12 +24,16 @@ from builder.checks import check_mount, check_network
 from builder.fs.pending_layers import PendingLayers
 from builder.graph import PREDEFINED_ARGS, BuildGraph, Stage, host_platform, platform_args
 from builder.oci import image as oci
+from builder.ops import CopyOp, DirectoryOp, FilesystemOp, RunOp, WorkdirOp
 from builder.progress import Progress
 from builder.sandbox import parent as sandbox
 from builder.sandbox.linux import mark_top_directory
 from builder.sandbox.namespace import UnmappedId, check_mapped
-from builder.steps import STEPS, StageState, describe, heredoc_body, scratch_state
-from parser.errors import PybuildError
+from builder.step_cache import StepCache
+from builder.steps import STEPS, FilesystemStep, StageState, StepInputs, describe, heredoc_body, scratch_state
+from cache.keys import step_key
+from cache.records import BuildRecords
+from parser.errors import PybuildError, SourceRange
 from parser.flags import Mount, mount_id, mount_mode, mount_size
 from parser.instructions import Add, Copy, Instruction, Run, parse
 
@@ -69,6 +73,8 @@ class BuildOptions:
     named_contexts: Mapping[str, str] = field(default_factory=dict)
     source_date_epoch: int = 0
     dockerfile_path: Path | None = None
+    no_cache: bool = False
+    no_cache_stages: frozenset[str] = frozenset()  # --no-cache-filter: these stages run, the others may hit
 
 
 def epoch_timestamp(epoch: int) -> str:
@@ -104,7 +110,16 @@ class Solver:
         self.created = epoch_timestamp(options.source_date_epoch)
         self.futures: dict[int, Future[oci.Image]] = {}
         self.failed = threading.Event()
-        self.pending_layers = PendingLayers(self.blobs, options.compression, options.source_date_epoch)
+        dockerfile = str(options.dockerfile_path or options.context / "Dockerfile")
+        self.cache = StepCache(state_root / "cache", identity=BuildRecords.identity(dockerfile, options.target or ""),
+                               compression=options.compression, no_cache=options.no_cache,
+                               no_cache_stages=options.no_cache_stages, snapshots=self.snapshots, blobs=self.blobs,
+                               progress=progress)
+        self.pending_layers = PendingLayers(self.blobs, options.compression, options.source_date_epoch,
+                                            on_written=self.cache.layer_written)
+        global_args = platform_args()
+        global_args.update((name, value) for name, value in graph.global_args if value is not None)
+        self.inputs = StepInputs(graph.dockerfile.escape, options.build_args, global_args)
         self.exported_stages = self._base_chain(graph.target)
         self.interpreters = sandbox.SpareInterpreters(sum(
             isinstance(instruction, Run) for index in graph.needed for instruction in graph.stages[index].instructions
@@ -131,6 +146,7 @@ class Solver:
                 self.futures[index] = pool.submit(self._build_stage_guarded, self.graph.stages[index])
             image = self.futures[self.graph.target].result()
             image = replace(image, layers=tuple(self.pending_layers.written(layer) for layer in image.layers))
+            self.cache.finish()
         except BaseException:
             # Do not wait for other stages' running steps: the CLI exits, and their sandboxes die with it.
             self.failed.set()
@@ -139,6 +155,7 @@ class Solver:
             raise
         finally:
             self.interpreters.close()
+            self.cache.file_digests.save()
         pool.shutdown(wait=True)
         self.pending_layers.close()
         return image
@@ -157,63 +174,57 @@ class Solver:
             raise
 
     def _build_stage(self, stage: Stage) -> oci.Image:
-        ctx = StepContext(self, stage)
         total = len(stage.instructions) + 1
         number = self.progress.step_started(f"[{stage.label} 1/{total}] FROM {stage.base}")
+        ctx = StepContext(self, stage, current_step=number)
         try:
-            state = ctx.base_state(stage.base, stage.index, stage.from_instruction)
+            where = stage.from_instruction.location if stage.from_instruction else None
+            state, cached = ctx.base_state(stage.base, stage.index, where)
         except BaseException:
             self.progress.step_finished(number, "error")
             raise
-        self.progress.step_finished(number)
+        self.progress.step_finished(number, "cached" if cached else "done")
         predefined = tuple((name, value) for name, value in self.options.build_args.items()
                            if name in PREDEFINED_ARGS)
         state = replace(state, args=predefined)
         triggers = state.image.config.on_build
         if triggers:
             state = replace(state, image=replace(state.image, config=replace(state.image.config, on_build=())))
-            for trigger in triggers:
+            for position, trigger in enumerate(triggers):
                 for instruction in parse(trigger.encode(), f"ONBUILD of {stage.base}").instructions:
-                    state = ctx.step(state, instruction, f"[{stage.label} ONBUILD] {describe(instruction)}")
+                    state = ctx.step(state, instruction, f"[{stage.label} ONBUILD] {describe(instruction)}",
+                                     f"onbuild-{position}")
         for position, instruction in enumerate(stage.instructions, start=2):
             if self.failed.is_set():
                 raise PybuildError(f"stage {stage.label} stopped because another stage failed")
-            state = ctx.step(state, instruction, f"[{stage.label} {position}/{total}] {describe(instruction)}")
+            state = ctx.step(state, instruction, f"[{stage.label} {position}/{total}] {describe(instruction)}",
+                             str(position))
         return state.image
 
 
 @dataclass
 class StepContext:
-    """What instructions may ask of the solver while a stage builds."""
+    """One stage being built: each instruction's step, its cache lookup, and its filesystem change."""
 
     solver: Solver
     stage: Stage
     current_step: int = 0
+    base_layers: tuple[str, ...] = ()
 
-    @property
-    def escape(self) -> str:
-        return self.solver.graph.dockerfile.escape
-
-    @property
-    def build_args(self) -> Mapping[str, str]:
-        return self.solver.options.build_args
-
-    @property
-    def global_args(self) -> dict[str, str]:
-        """What an ``ARG NAME`` without a value takes: the automatic platform ARGs and the global ARGs."""
-        values = platform_args()
-        values.update((name, value) for name, value in self.solver.graph.global_args if value is not None)
-        return values
-
-    def step(self, state: StageState, instruction: Instruction, title: str) -> StageState:
+    def step(self, state: StageState, instruction: Instruction, title: str, place: str) -> StageState:
         progress = self.solver.progress
         self.current_step = progress.step_started(title)
+        cached = False
         try:
             handler = STEPS.get(type(instruction))
             if handler is None:
                 raise PybuildError(f"{type(instruction).__name__.upper()} is not supported here",
                                    instruction.location)
-            state = handler(self, state, instruction)
+            outcome = handler(self.solver.inputs, state, instruction)
+            if isinstance(outcome, FilesystemStep):
+                state, cached = self.filesystem_step(outcome, place, describe(instruction))
+            else:
+                state = outcome
         except PybuildError as exc:
             progress.step_finished(self.current_step, "error")
             if exc.location is None:  # what failed is this instruction: point at it
@@ -222,36 +233,158 @@ class StepContext:
         except BaseException:
             progress.step_finished(self.current_step, "error")
             raise
-        progress.step_finished(self.current_step)
+        progress.step_finished(self.current_step, "cached" if cached else "done")
         return state
+
+    def filesystem_step(self, step: FilesystemStep, place: str, text: str) -> tuple[StageState, bool]:
+        """Make ``step``'s change, or take it from the cache; returns the stage after it and whether it hit."""
+        cache = self.solver.cache
+        state = step.state
+        inputs = self.key_inputs(step, text)
+        key = None if inputs is None else step_key(inputs)
+        independent = isinstance(step.op, CopyOp) and step.op.copy.link
+        lowers = () if independent else tuple(layer.diff_id for layer in state.image.layers)
+        refused = cache.refused(self.stage)
+        if key is not None and refused is None:
+            hit = cache.lookup(key)
+            if hit is not None:
+                if hit.snapshot is not None and hit.layer is not None:  # its blob is written only if needed
+                    below = None if independent else [self.solver.snapshots.path(diff_id) for diff_id in lowers]
+                    self.solver.pending_layers.add(hit.layer, hit.snapshot, below,
+                                                   start=self.stage.index in self.solver.exported_stages)
+                cache.remember(place, self.stage, key, inputs)
+                return self._with_layer(state, step.created_by, hit.layer), True
+        if inputs is not None:
+            cause = refused or cache.explain(place, self.stage, key, inputs)
+            if cause is not None:
+                self.solver.progress.cache_miss(self.current_step, cause)
+        layer = self.execute(state, step.op, independent)
+        if key is not None:
+            cache.store(key, layer)
+            cache.remember(place, self.stage, key, inputs)
+        return self._with_layer(state, step.created_by, layer), False
+
+    @staticmethod
+    def _with_layer(state: StageState, created_by: str, layer: oci.Layer | None) -> StageState:
+        if layer is None:
+            return replace(state, image=state.image.add_history(state.history(created_by, empty_layer=True)))
+        image = replace(state.image, layers=(*state.image.layers, layer))
+        return replace(state, image=image.add_history(state.history(created_by, empty_layer=False)))
+
+    def key_inputs(self, step: FilesystemStep, text: str) -> dict | None:
+        """What the step's key covers (see ``cache.keys.step_key``); None for a step that is never cached."""
+        from builder.keys import TreeDigests, op_data
+
+        solver = self.solver
+        op = step.op
+        if isinstance(op, CopyOp) and isinstance(op.copy, Add) and op.copy.checksum is None and any(
+                source.startswith(("http://", "https://")) for source in op.copy.sources):
+            return None  # what a URL serves can change at any time: ADD fetches it on every build
+        digests = TreeDigests(solver.cache.file_digests, solver.options.source_date_epoch)
+        files: dict[str, str] = {}
+        sources: dict[str, object] = {}
+        if isinstance(op, CopyOp):
+            reference = op.copy.from_ if isinstance(op.copy, Copy) else None
+            tree = self._source_tree(reference, op.location)
+            if tree is not None:
+                digests.sources(tree, op, files, "" if reference is None else f"{reference}:")
+            else:
+                sources["from"] = self._source_layers(reference, op.location)
+        elif isinstance(op, RunOp):
+            for number, mount in enumerate(op.mounts):
+                if mount.type != "bind":
+                    continue
+                tree = self._source_tree(mount.from_, op.location)
+                if tree is None:
+                    sources[f"mount{number}"] = self._source_layers(mount.from_, op.location)
+                    continue
+                prefix = "" if mount.from_ is None else f"{mount.from_}:"
+                rel = tree.relative(mount.source or "/", "RUN --mount")
+                if tree.present(rel, is_dir=True) and os.path.lexists(tree.root / rel):
+                    digests.walk(tree, rel, chmod=False, out=files, prefix=prefix)
+            secrets = solver.options.secrets
+            sources["secrets"] = sorted(mount.id or posixpath.basename((mount.target or "").rstrip("/"))
+                                        for mount in op.mounts if mount.type == "secret"
+                                        if (mount.id or posixpath.basename((mount.target or "").rstrip("/")))
+                                        in secrets)
+        elif isinstance(op, DirectoryOp):
+            from builder.fs.context import BuildContext
+
+            digests.walk(BuildContext(Path(op.directory)), "", chmod=False, out=files, prefix=f"{op.name}:")
+        args = dict(step.state.args) if isinstance(op, RunOp) else {}
+        return {
+            "instruction": text,
+            "base": {"ref": self.stage.base, "layers": list(self.base_layers)},
+            "parent": [layer.diff_id for layer in step.state.image.layers]
+            if not (isinstance(op, CopyOp) and op.copy.link) else [],
+            "op": op_data(op, solver.options.network),
+            "args": args,
+            "files": files,
+            "sources": sources,
+            "env": {"epoch": solver.options.source_date_epoch, "platform": "/".join(host_platform()[:2])},
+        }
+
+    def _source_tree(self, reference: str | None, location):
+        """The directory a source reads when it is one (the context, a named context); None for an image."""
+        if reference is None:
+            return self.solver.context
+        named = self.solver.options.named_contexts.get(reference)
+        if named is not None and not named.startswith(IMAGE_CONTEXT_PREFIXES):
+            from builder.fs.context import BuildContext
+
+            return BuildContext(Path(named))
+        return None
+
+    def _source_layers(self, reference: str | None, location) -> list[str]:
+        """The layers of the stage or image a source reads (``--from``), by diff_id."""
+        stage = self.solver.graph.stage_by_reference(reference or "", self.stage.index)
+        if stage is not None:
+            image = self.solver.stage_image(stage.index)
+        elif (reference or "").isdigit():
+            raise PybuildError(f"--from={reference}: there is no stage {reference} before this one", location)
+        else:
+            image = self.image(reference or "", None)
+        return [layer.diff_id for layer in image.layers]
+
+    def execute(self, state: StageState, op: FilesystemOp, independent: bool) -> oci.Layer | None:
+        """Carry out a filesystem step: the layer it made, or None when it changed no file."""
+        if isinstance(op, RunOp):
+            return self.run(state, op)
+        if isinstance(op, CopyOp):
+            return self.copy(state, op)
+        if isinstance(op, WorkdirOp):
+            return self.make_workdir(state, op)
+        return self._directory_layer(op)
 
     # Images and sources
 
-    def base_state(self, reference: str, before: int, where: Instruction | None = None) -> StageState:
+    def base_state(self, reference: str, before: int, where: SourceRange | None = None) -> tuple[StageState, bool]:
+        """The stage's FROM, and whether it came from the cache (a directory's files; images always do)."""
         if reference == "scratch":
-            return scratch_state(self.solver.created)
+            return scratch_state(self.solver.created), False
         named = self.solver.options.named_contexts.get(reference)
         if named is not None and not named.startswith(IMAGE_CONTEXT_PREFIXES):
-            return self._directory_state(reference, Path(named))
+            if not Path(named).is_dir():
+                raise PybuildError(f"--build-context {reference}={named}: no such directory")
+            step = FilesystemStep(scratch_state(self.solver.created), DirectoryOp(reference, named),
+                                  f"FROM {reference} (the directory {named})")
+            return self.filesystem_step(step, "from", f"FROM {reference}")
         stage = self.solver.graph.stage_by_reference(reference, before)
         image = self.solver.stage_image(stage.index) if stage else self.image(reference, where)
-        return StageState(image=replace(image, created=self.solver.created))
+        self.base_layers = tuple(layer.diff_id for layer in image.layers)
+        return StageState(image=replace(image, created=self.solver.created)), False
 
-    def _directory_state(self, name: str, directory: Path) -> StageState:
+    def _directory_layer(self, op: DirectoryOp) -> oci.Layer | None:
         """FROM a named context that is a directory: its files are the image's root filesystem."""
         from builder.fs.context import BuildContext
         from builder.fs.copy import copy_into
 
-        if not directory.is_dir():
-            raise PybuildError(f"--build-context {name}={directory}: no such directory")
-
         def action(layer_dir: Path) -> None:
-            copy_into(layer_dir, ["."], "/", source=BuildContext(directory))
+            copy_into(layer_dir, ["."], "/", source=BuildContext(Path(op.directory)))
 
-        return self.change(scratch_state(self.solver.created), f"FROM {name} (the directory {directory})", action,
-                           direct=True)
+        return self.change(scratch_state(self.solver.created), action, direct=True)
 
-    def image(self, reference: str, where: Instruction | None = None) -> oci.Image:
+    def image(self, reference: str, where: SourceRange | None = None) -> oci.Image:
         """An image by name from the local store, or from an OCI archive or layout on disk."""
         store = self.solver.store
         named = self.solver.options.named_contexts.get(reference)
@@ -266,11 +399,11 @@ class StepContext:
                 image = store.resolve(reference).image
             unpack_layers(self.solver.snapshots, self.solver.blobs, image)
         except PybuildError as exc:
-            raise PybuildError(exc.message, where.location if where else None, hint=exc.hint) from None
+            raise PybuildError(exc.message, where, hint=exc.hint) from None
         os_name, arch, _ = host_platform()
         if (image.os, image.architecture) != (os_name, arch):
             raise PybuildError(f"image {reference} is for {image.os}/{image.architecture}; this machine runs "
-                               f"{os_name}/{arch}", where.location if where else None)
+                               f"{os_name}/{arch}", where)
         return image
 
     @contextlib.contextmanager
@@ -287,7 +420,7 @@ class StepContext:
             shutil.rmtree(scratch, ignore_errors=True)
 
     @contextlib.contextmanager
-    def source_root(self, reference: str | None, where: Instruction):
+    def source_root(self, reference: str | None, where: SourceRange | None):
         """Where COPY --from or a RUN bind mount reads: the context, a named context, a stage or an image."""
         if reference is None:
             yield self.solver.context
@@ -302,7 +435,7 @@ class StepContext:
         if stage is not None:
             image = self.solver.stage_image(stage.index)
         elif reference.isdigit():
-            raise PybuildError(f"--from={reference}: there is no stage {reference} before this one", where.location)
+            raise PybuildError(f"--from={reference}: there is no stage {reference} before this one", where)
         else:
             image = self.image(reference, where)
         with self.mounted_image(image) as root:
@@ -310,9 +443,9 @@ class StepContext:
 
     # Filesystem changes
 
-    def change(self, state: StageState, created_by: str, action: Callable[[Path], None], *,
-               independent: bool = False, direct: bool = False) -> StageState:
-        """Apply ``action`` to the stage's root; what it changed becomes a layer (or an empty history entry).
+    def change(self, state: StageState, action: Callable[[Path], None], *,
+               independent: bool = False, direct: bool = False) -> oci.Layer | None:
+        """Apply ``action`` to the stage's root; what it changed becomes a layer (None: it changed nothing).
 
         ``direct``: ``action`` writes only additions into an empty layer dir instead of a mounted root.
         """
@@ -337,35 +470,31 @@ class StepContext:
                                 source_date_epoch=solver.options.source_date_epoch,
                                 lower_stat=None if independent else root.lower_stat)
             if layer is None:
-                return replace(state, image=state.image.add_history(state.history(created_by, empty_layer=True)))
+                return None
             below = None if independent else lowers
             exported = self.stage.index in solver.exported_stages
             if exported and solver.snapshots.has(layer.diff_id):
                 solver.pending_layers.write_now(layer, root.upper, below)
             snapshot = solver.snapshots.adopt(layer.diff_id, root.upper)
             solver.pending_layers.add(layer, snapshot, below, start=exported)
-            image = replace(state.image, layers=(*state.image.layers, layer))
-            return replace(state, image=image.add_history(state.history(created_by, empty_layer=False)))
+            return layer
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def make_workdir(self, state: StageState, path: str) -> StageState:
+    def make_workdir(self, state: StageState, op: WorkdirOp) -> oci.Layer | None:
         from builder.fs.copy import make_directory
         from builder.fs.users import resolve_user
 
         def action(root: Path) -> None:
             owner = None
-            if state.image.config.user:
-                ids = resolve_user(root, state.image.config.user)
+            if op.user:
+                ids = resolve_user(root, op.user)
                 owner = (ids.uid, ids.gid)
-            make_directory(root, path, owner=owner)
+            make_directory(root, op.path, owner=owner)
 
-        created_by = state.image.history[-1].created_by
-        # The config change already added WORKDIR's history entry; a created directory turns it into a layer.
-        base = replace(state, image=replace(state.image, history=state.image.history[:-1]))
-        return self.change(base, created_by, action)
+        return self.change(state, action)
 
-    def copy(self, state: StageState, instruction: Copy | Add, expanded: Copy | Add) -> StageState:
+    def copy(self, state: StageState, op: CopyOp) -> oci.Layer | None:
         """COPY and ADD write straight into a fresh layer dir, reading the image only to place files.
 
         Creating files through an overlay mount costs about ten times what it costs in a plain
@@ -375,14 +504,14 @@ class StepContext:
         from builder.fs.copy import container_path, copy_into, write_inline
         from builder.fs.users import resolve_chown
 
+        expanded = op.copy
         is_add = isinstance(expanded, Add)  # do_copy has checked the flags and destination (builder.checks)
         from_ = expanded.from_ if isinstance(expanded, Copy) else None
-        workdir = state.image.config.working_dir or "/"
         below = oci.Image() if expanded.link else state.image  # --link: a layer independent of what is below
 
-        with self.source_root(from_, instruction) as source, self.mounted_image(below) as view:
+        with self.source_root(from_, op.location) as source, self.mounted_image(below) as view:
             chown = resolve_chown(view, expanded.chown) if expanded.chown else None
-            target = container_path(workdir, expanded.dest)
+            target = container_path(op.workdir, expanded.dest)
             real = resolve_in_root(view, target).relative_to(view)
             is_directory = expanded.dest.endswith(("/", "/.")) or expanded.dest == "."
             dest = "/" + str(real).lstrip(".").lstrip("/") + ("/" if is_directory else "")
@@ -399,74 +528,71 @@ class StepContext:
                               checksum=getattr(expanded, "checksum", None),
                               keep_git_dir=bool(getattr(expanded, "keep_git_dir", False)))
 
-            return self.change(state, describe(instruction).split("\n")[0], action, independent=expanded.link,
-                               direct=True)
+            return self.change(state, action, independent=expanded.link, direct=True)
 
-    def run(self, state: StageState, instruction: Run, argv: tuple[str, ...], created_by: str,
-            mounts: tuple[Mount, ...], network: str | None,
-            scripts: tuple[tuple[str, bytes], ...] = ()) -> StageState:
+    def run(self, state: StageState, op: RunOp) -> oci.Layer | None:
         from builder.fs.users import resolve_user, user_home
 
-        network = network or self.solver.options.network
-        check_network(network, instruction.location)
+        network = op.network or self.solver.options.network
+        check_network(network, op.location)
         progress = self.solver.progress
         step = self.current_step
 
         def action(root: Path) -> None:
             from builder.fs.copy import make_directory
 
-            config = state.image.config
-            ids = resolve_user(root, config.user)
-            check_mapped(ids.uid, ids.gid, f"USER {config.user}")
-            cwd = config.working_dir or "/"
-            make_directory(root, cwd)
+            ids = resolve_user(root, op.user)
+            check_mapped(ids.uid, ids.gid, f"USER {op.user}")
+            make_directory(root, op.cwd)
             # Neither goes into the image's Env or the history: HOME as runc fills it in for BuildKit,
             # SOURCE_DATE_EPOCH because layers clamp file times to it, so tools that honour it (Python's
             # compileall writes hash-based .pyc) leave output that stays valid after clamping.
-            env = dict(state.run_env({"HOME": user_home(root, ids.uid),
-                                      "SOURCE_DATE_EPOCH": str(self.solver.options.source_date_epoch)}))
+            env = dict(op.env)
+            for name, value in (("HOME", user_home(root, ids.uid)),
+                                ("SOURCE_DATE_EPOCH", str(self.solver.options.source_date_epoch))):
+                env.setdefault(name, value)
             with contextlib.ExitStack() as stack:
-                sandbox_mounts = [self._sandbox_mount(stack, mount, env, instruction) for mount in mounts]
+                sandbox_mounts = [self._sandbox_mount(stack, mount, env, op.location) for mount in op.mounts]
                 spec = sandbox.SandboxSpec(
-                    rootfs=root, argv=argv, env=tuple(env.items()), cwd=cwd, uid=ids.uid, gid=ids.gid,
+                    rootfs=root, argv=op.argv, env=tuple(env.items()), cwd=op.cwd, uid=ids.uid, gid=ids.gid,
                     groups=ids.groups, network="none" if network == "none" else "host",
-                    mounts=tuple(item for item in sandbox_mounts if item is not None), scripts=scripts,
+                    mounts=tuple(item for item in sandbox_mounts if item is not None), scripts=op.scripts,
                 )
                 try:
                     code = sandbox.run(spec, lambda data: progress.output(step, data),
                                        interpreter=self.solver.interpreters.take())
                 except sandbox.SandboxError as exc:
-                    raise PybuildError(f"RUN: {exc.message}", instruction.location, hint=exc.hint) from None
+                    raise PybuildError(f"RUN: {exc.message}", op.location, hint=exc.hint) from None
             if code != 0:
                 tail = "".join(f"\n  > {line}" for line in progress.last_lines(step)[-5:])
-                message = f"RUN failed with exit code {code}\ncommand: {' '.join(argv)}"
-                raise RunFailed(message + (f"\nlast output:{tail}" if tail else ""), instruction.location,
+                message = f"RUN failed with exit code {code}\ncommand: {' '.join(op.argv)}"
+                raise RunFailed(message + (f"\nlast output:{tail}" if tail else ""), op.location,
                                 exit_code=code if 0 < code < 256 else 1)
 
-        return self.change(state, created_by, action)
+        return self.change(state, action)
 
     def _sandbox_mount(self, stack: contextlib.ExitStack, mount: Mount, env: dict[str, str],
-                       instruction: Run):
-        check_mount(mount, instruction.location)
+                       location: SourceRange | None):
+        check_mount(mount, location)
         kind = mount.type
         if kind == "bind":
             from builder.fs.context import BuildContext, PathEscape, SourceTree, resolve_in_root
 
-            source = stack.enter_context(self.source_root(mount.from_, instruction))
+            source = stack.enter_context(self.source_root(mount.from_, location))
             base = source.root if isinstance(source, SourceTree) else source
             try:
                 path = resolve_in_root(Path(base), mount.source or "/", confined=isinstance(source, SourceTree))
             except PathEscape:
                 raise PybuildError(f"RUN --mount source {mount.source!r} leads outside its root",
-                                   instruction.location) from None
+                                   location) from None
             if not path.exists():
-                raise PybuildError(f"RUN --mount source {mount.source!r} does not exist", instruction.location)
+                raise PybuildError(f"RUN --mount source {mount.source!r} does not exist", location)
             if isinstance(source, BuildContext) and source.ignore is not None:
                 # What the ignore file drops is no more part of the context for a mount than for COPY.
                 rel = source.real_rel(path)
                 if not source.present(rel, is_dir=path.is_dir()):
                     raise PybuildError(f"RUN --mount source {mount.source!r} is excluded by {source.ignore_file}",
-                                       instruction.location)
+                                       location)
                 if path.is_dir():
                     scratch = self.solver.scratch_dir()
                     stack.callback(shutil.rmtree, scratch, True)
@@ -492,7 +618,7 @@ class StepContext:
         if source_spec is None:
             if mount.required:
                 raise PybuildError(f"secret {secret_id!r} is required but was not given with --secret",
-                                   instruction.location)
+                                   location)
             return None
         value = source_spec.read()
         if mount.env:

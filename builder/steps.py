@@ -1,7 +1,8 @@
 """What each Dockerfile instruction does to a stage: one small function per instruction, found by table.
 
-Metadata instructions only edit the image config and add a history entry with no layer; COPY, ADD,
-RUN and WORKDIR ask the step context (the solver) to change the filesystem.
+Metadata instructions only edit the image config and add a history entry with no layer. COPY, ADD, RUN
+and WORKDIR return a ``FilesystemStep``: the operation as a value (``builder.ops``), which the solver
+keys for the cache and, on a miss, carries out.
 """
 
 from __future__ import annotations
@@ -9,12 +10,12 @@ from __future__ import annotations
 import posixpath
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, replace
 
 from builder.checks import check_copy, check_run, check_signal, exposed_ports
 from builder.graph import PREDEFINED_ARGS
 from builder.oci import image as oci
+from builder.ops import CopyOp, FilesystemOp, RunOp, WorkdirOp
 from builder.sandbox.parent import HEREDOC_SCRIPT_DIR
 from parser.errors import PybuildError
 from parser.expand import expand
@@ -41,9 +42,6 @@ from parser.instructions import (
     lone_heredoc,
 )
 from parser.lines import Heredoc
-
-if TYPE_CHECKING:
-    from builder.solver import StepContext
 
 DEFAULT_SHELL = ("/bin/sh", "-c")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -77,6 +75,27 @@ class StageState:
     def history(self, created_by: str, *, empty_layer: bool) -> oci.History:
         return oci.History(created_by=created_by, empty_layer=empty_layer, created=self.image.created,
                            comment="pybuild.dockerfile.v0")
+
+
+@dataclass
+class StepInputs:
+    """What the handlers read besides the stage: the escape character and the ARG values given."""
+
+    escape: str = "\\"
+    build_args: Mapping[str, str] = field(default_factory=dict)
+    global_args: Mapping[str, str] = field(default_factory=dict)  # what ``ARG NAME`` without a value takes
+
+
+@dataclass
+class FilesystemStep:
+    """A step that changes files: the stage with its config changes made, and the change still to make.
+
+    The solver makes ``op`` and adds the history entry ``created_by`` (with a layer when files changed).
+    """
+
+    state: StageState
+    op: FilesystemOp
+    created_by: str
 
 
 def shell_command(state: StageState, command: Command) -> tuple[str, ...]:
@@ -149,8 +168,8 @@ def _decimal(value: int, scale: int) -> str:
     return f"{whole}." + str(fraction).rjust(len(str(scale)) - 1, "0").rstrip("0")
 
 
-def do_env(ctx: StepContext, state: StageState, instruction: Env) -> StageState:
-    expanded = _expanded(state, instruction, ctx.escape)
+def do_env(inputs: StepInputs, state: StageState, instruction: Env) -> StageState:
+    expanded = _expanded(state, instruction, inputs.escape)
     config = state.image.config
     for pair in expanded.pairs:
         config = config.with_env(pair.key, pair.value)
@@ -158,8 +177,8 @@ def do_env(ctx: StepContext, state: StageState, instruction: Env) -> StageState:
     return state.with_config(f"ENV {words}", env=config.env)
 
 
-def do_label(ctx: StepContext, state: StageState, instruction: Label) -> StageState:
-    expanded = _expanded(state, instruction, ctx.escape)
+def do_label(inputs: StepInputs, state: StageState, instruction: Label) -> StageState:
+    expanded = _expanded(state, instruction, inputs.escape)
     config = state.image.config
     for pair in expanded.pairs:
         config = config.with_label(pair.key, pair.value)
@@ -167,16 +186,16 @@ def do_label(ctx: StepContext, state: StageState, instruction: Label) -> StageSt
     return state.with_config(f"LABEL {words}", labels=config.labels)
 
 
-def do_arg(ctx: StepContext, state: StageState, instruction: Arg) -> StageState:
+def do_arg(inputs: StepInputs, state: StageState, instruction: Arg) -> StageState:
     args = dict(state.args)
     words = []
-    for definition in _expanded(state, instruction, ctx.escape).args:
-        if definition.name in ctx.build_args:
-            value: str | None = ctx.build_args[definition.name]
+    for definition in _expanded(state, instruction, inputs.escape).args:
+        if definition.name in inputs.build_args:
+            value: str | None = inputs.build_args[definition.name]
         elif definition.default is not None:
             value = definition.default
         else:
-            value = ctx.global_args.get(definition.name)
+            value = inputs.global_args.get(definition.name)
         if value is not None:
             args.pop(definition.name, None)
             args[definition.name] = value
@@ -185,9 +204,9 @@ def do_arg(ctx: StepContext, state: StageState, instruction: Arg) -> StageState:
     return replace(state, image=state.image.add_history(state.history(f"ARG {' '.join(words)}", empty_layer=True)))
 
 
-def do_expose(ctx: StepContext, state: StageState, instruction: Expose) -> StageState:
+def do_expose(inputs: StepInputs, state: StageState, instruction: Expose) -> StageState:
     ports = list(state.image.config.exposed_ports)
-    given = [port for word in _expanded(state, instruction, ctx.escape).ports
+    given = [port for word in _expanded(state, instruction, inputs.escape).ports
              for port in exposed_ports(word, instruction.location)]
     for port in given:
         if port not in ports:
@@ -195,9 +214,9 @@ def do_expose(ctx: StepContext, state: StageState, instruction: Expose) -> Stage
     return state.with_config(f"EXPOSE {go_list(given)}", exposed_ports=tuple(ports))
 
 
-def do_volume(ctx: StepContext, state: StageState, instruction: Volume) -> StageState:
+def do_volume(inputs: StepInputs, state: StageState, instruction: Volume) -> StageState:
     volumes = list(state.image.config.volumes)
-    paths = _expanded(state, instruction, ctx.escape).paths
+    paths = _expanded(state, instruction, inputs.escape).paths
     for path in paths:
         if not path:
             raise PybuildError("VOLUME specified can not be an empty string", instruction.location)
@@ -206,41 +225,41 @@ def do_volume(ctx: StepContext, state: StageState, instruction: Volume) -> Stage
     return state.with_config(f"VOLUME {go_list(paths)}", volumes=tuple(volumes))
 
 
-def do_user(ctx: StepContext, state: StageState, instruction: User) -> StageState:
-    user = _expanded(state, instruction, ctx.escape).user
+def do_user(inputs: StepInputs, state: StageState, instruction: User) -> StageState:
+    user = _expanded(state, instruction, inputs.escape).user
     return state.with_config(f"USER {user}", user=user)
 
 
-def do_stopsignal(ctx: StepContext, state: StageState, instruction: Stopsignal) -> StageState:
-    signal = _expanded(state, instruction, ctx.escape).signal
+def do_stopsignal(inputs: StepInputs, state: StageState, instruction: Stopsignal) -> StageState:
+    signal = _expanded(state, instruction, inputs.escape).signal
     check_signal(signal, instruction.location)
     return state.with_config(f"STOPSIGNAL {signal}", stop_signal=signal)
 
 
-def do_maintainer(ctx: StepContext, state: StageState, instruction: Maintainer) -> StageState:
+def do_maintainer(inputs: StepInputs, state: StageState, instruction: Maintainer) -> StageState:
     image = replace(state.image, author=instruction.name)
     return replace(state, image=image.add_history(state.history(f"MAINTAINER {instruction.name}",
                                                                  empty_layer=True)))
 
 
-def do_shell(ctx: StepContext, state: StageState, instruction: Shell) -> StageState:
+def do_shell(inputs: StepInputs, state: StageState, instruction: Shell) -> StageState:
     return state.with_config(f"SHELL {go_list(instruction.args)}", shell=tuple(instruction.args))
 
 
-def do_cmd(ctx: StepContext, state: StageState, instruction: Cmd) -> StageState:
+def do_cmd(inputs: StepInputs, state: StageState, instruction: Cmd) -> StageState:
     cmd = shell_command(state, instruction.command)
     new = state.with_config(f"CMD {go_list(cmd, quoted=True)}", cmd=cmd)
     return replace(new, cmd_set=True)
 
 
-def do_entrypoint(ctx: StepContext, state: StageState, instruction: Entrypoint) -> StageState:
+def do_entrypoint(inputs: StepInputs, state: StageState, instruction: Entrypoint) -> StageState:
     entrypoint = shell_command(state, instruction.command)
     # Docker: an ENTRYPOINT drops a CMD inherited from the base image, but keeps one set in this stage.
     cmd = state.image.config.cmd if state.cmd_set else None
     return state.with_config(f"ENTRYPOINT {go_list(entrypoint, quoted=True)}", entrypoint=entrypoint, cmd=cmd)
 
 
-def do_healthcheck(ctx: StepContext, state: StageState, instruction: Healthcheck) -> StageState:
+def do_healthcheck(inputs: StepInputs, state: StageState, instruction: Healthcheck) -> StageState:
     if instruction.command is None:
         check = oci.Healthcheck(test=("NONE",))
     else:
@@ -256,20 +275,20 @@ def do_healthcheck(ctx: StepContext, state: StageState, instruction: Healthcheck
     return state.with_config(f"HEALTHCHECK {text}", healthcheck=check)
 
 
-def do_onbuild(ctx: StepContext, state: StageState, instruction: Onbuild) -> StageState:
+def do_onbuild(inputs: StepInputs, state: StageState, instruction: Onbuild) -> StageState:
     # As in BuildKit, the trigger is kept in the config without a history entry.
     triggers = (*state.image.config.on_build, instruction.expression)
     image = replace(state.image, config=replace(state.image.config, on_build=triggers))
     return replace(state, image=image)
 
 
-def do_workdir(ctx: StepContext, state: StageState, instruction: Workdir) -> StageState:
-    path = _expanded(state, instruction, ctx.escape).path
+def do_workdir(inputs: StepInputs, state: StageState, instruction: Workdir) -> FilesystemStep:
+    path = _expanded(state, instruction, inputs.escape).path
     path = posixpath.normpath(posixpath.join(state.image.config.working_dir or "/", path))
     if path.startswith("//"):
         path = path[1:]
-    state = state.with_config(f"WORKDIR {path}", working_dir=path)
-    return ctx.make_workdir(state, path)
+    changed = replace(state, image=replace(state.image, config=replace(state.image.config, working_dir=path)))
+    return FilesystemStep(changed, WorkdirOp(path, state.image.config.user), f"WORKDIR {path}")
 
 
 def heredoc_body(heredoc: Heredoc) -> str:
@@ -279,8 +298,8 @@ def heredoc_body(heredoc: Heredoc) -> str:
     return "".join(line.lstrip("\t") for line in heredoc.content.splitlines(keepends=True))
 
 
-def do_run(ctx: StepContext, state: StageState, instruction: Run) -> StageState:
-    expanded = _expanded(state, instruction, ctx.escape)
+def do_run(inputs: StepInputs, state: StageState, instruction: Run) -> FilesystemStep:
+    expanded = _expanded(state, instruction, inputs.escape)
     assert isinstance(expanded, Run)
     check_run(expanded)
     command = expanded.command
@@ -292,8 +311,10 @@ def do_run(ctx: StepContext, state: StageState, instruction: Run) -> StageState:
     args = [(name, value) for name, value in state.args if name not in PREDEFINED_ARGS]
     prefix = f"|{len(args)} " + " ".join(f"{name}={value}" for name, value in args) + " " if args else ""
     shown = " ".join(argv) if not expanded.heredocs else " ".join(shell_command(state, instruction.command))
-    created_by = f"RUN {prefix}{shown}"
-    return ctx.run(state, instruction, argv, created_by, expanded.mounts, expanded.network, scripts)
+    config = state.image.config
+    op = RunOp(argv=argv, env=state.run_env(), user=config.user, cwd=config.working_dir or "/",
+               network=expanded.network, mounts=expanded.mounts, scripts=scripts, location=instruction.location)
+    return FilesystemStep(state, op, f"RUN {prefix}{shown}")
 
 
 def _heredoc_argv(state: StageState, run: Run) -> tuple[tuple[str, ...], tuple[tuple[str, bytes], ...]]:
@@ -317,14 +338,15 @@ def _heredoc_argv(state: StageState, run: Run) -> tuple[tuple[str, ...], tuple[t
     return (*shell, script), ()
 
 
-def do_copy(ctx: StepContext, state: StageState, instruction: Copy | Add) -> StageState:
-    expanded = _expanded(state, instruction, ctx.escape)
+def do_copy(inputs: StepInputs, state: StageState, instruction: Copy | Add) -> FilesystemStep:
+    expanded = _expanded(state, instruction, inputs.escape)
     assert isinstance(expanded, Copy | Add)
     check_copy(expanded)
-    return ctx.copy(state, instruction, expanded)
+    op = CopyOp(expanded, state.image.config.working_dir or "/", instruction.location)
+    return FilesystemStep(state, op, describe(instruction).split("\n")[0])
 
 
-Step = Callable[["StepContext", StageState, Instruction], StageState]
+Step = Callable[[StepInputs, StageState, Instruction], "StageState | FilesystemStep"]
 
 STEPS: dict[type, Step] = {
     Env: do_env,

@@ -9,7 +9,7 @@ import pytest
 
 from builder.checks import check_graph
 from builder.graph import build_graph
-from builder.steps import STEPS, scratch_state
+from builder.steps import STEPS, FilesystemStep, StepInputs, scratch_state
 from parser import parse
 from parser.errors import PybuildError
 from parser.flags import MountError, mount_id, mount_mode, mount_size
@@ -99,17 +99,6 @@ def test_only_the_stages_the_target_needs() -> None:
         check_graph(build_graph(parse(needed_through_copy), {}, None))
 
 
-class FakeContext:
-    escape = "\\"
-    build_args: dict[str, str] = {}
-    global_args: dict[str, str] = {}
-
-    def run(self, *args, **kwargs):
-        raise AssertionError("the step must fail before it runs anything")
-
-    copy = run
-
-
 @pytest.mark.parametrize(("text", "message"), [
     ("ARG P=80/tcpp\nEXPOSE $P\n", "invalid port '80/tcpp'"),
     ("ARG S=SIGFOO\nSTOPSIGNAL $S\n", "invalid signal 'SIGFOO'"),
@@ -124,7 +113,9 @@ def test_expanded_values_are_checked_by_their_step(text: str, message: str) -> N
     state = scratch_state("1970-01-01T00:00:00Z")
     with pytest.raises(PybuildError, match=re.escape(message)) as caught:
         for instruction in dockerfile.instructions[1:]:
-            state = STEPS[type(instruction)](FakeContext(), state, instruction)
+            outcome = STEPS[type(instruction)](StepInputs(), state, instruction)
+            assert not isinstance(outcome, FilesystemStep), "the step must fail before it runs anything"
+            state = outcome
     assert caught.value.location is not None and caught.value.location.start_line == 3
 
 

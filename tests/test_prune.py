@@ -18,8 +18,8 @@ from e2e import PYBUILD, REPO, Pybuild, build_base, require_root
 from builder.fs import snapshot
 from builder.fs.snapshot import Snapshots
 from builder.oci.store import ImageStore
-from builder.prune import LEASE_FILE, exclusive_lease, shared_lease
 from builder.solver import sweep_stale_scratch
+from cache.leases import LEASE_FILE, exclusive_lease, shared_lease
 
 
 def fake_snapshot(store: Path, seed: str) -> str:
@@ -131,12 +131,23 @@ def test_rmi_frees_exactly_what_only_the_removed_image_used(store: Pybuild, tmp_
     assert a_layer <= stored_snapshots(store)
 
     a_id = ImageStore(store.root).resolve("app-a").image_id
+    a_layer_blobs = {layer.digest for layer in ImageStore(store.root).resolve("app-a").image.layers} & only_a
     done = store.run("rmi", "app-a")
 
     assert done.stdout.splitlines()[0] == "Untagged: app-a:latest"
     assert done.stdout.splitlines()[1] == f"Deleted: {a_id}"
-    assert stored_blobs(store) == base | b  # a's own layer, config and manifest went; the base stayed
-    assert stored_snapshots(store) == diff_ids_of(store, "busybox-base") | diff_ids_of(store, "app-b")
+    # a's config and manifest went; its layer stays for the build cache, as docker rmi leaves the build cache
+    assert stored_blobs(store) == base | b | a_layer_blobs
+    kept = diff_ids_of(store, "busybox-base") | diff_ids_of(store, "app-b")
+    assert stored_snapshots(store) == kept | a_layer
+    # the same build again is a hit: nothing runs
+    again = store.build(tmp_path / "context-app-a", "-t", "app-a")
+    assert "#2 CACHED" in again.stderr, again.stderr
+    store.run("rmi", "app-a")
+    cleared = store.run("cache", "prune")
+    assert cleared.stdout.splitlines()[0].startswith("Deleted ") and "build cache entries" in cleared.stdout
+    assert stored_blobs(store) == base | b  # now a's layer went too; the base stayed
+    assert stored_snapshots(store) == kept
 
     # what stayed still builds: a child of app-b sees b's file and the base's busybox
     build(store, tmp_path, "child", "FROM app-b\nRUN cat /b > /copied && /bin/busybox true\n")
@@ -145,8 +156,9 @@ def test_rmi_frees_exactly_what_only_the_removed_image_used(store: Pybuild, tmp_
     store.build(context, "--output", f"type=local,dest={out}")
     assert (out / "copied").read_text() == "b\n"
 
-    # removing every image leaves nothing behind
+    # removing every image and the build cache leaves nothing behind
     store.run("rmi", "child", "app-b", "busybox-base")
+    store.run("cache", "prune")
     assert stored_blobs(store) == set()
     assert stored_snapshots(store) == set()
     assert store.run("images").stdout.splitlines()[1:] == []

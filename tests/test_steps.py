@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import pytest
 
 from builder.oci.image import Healthcheck, config_json
-from builder.steps import STEPS, StageState, go_duration, scratch_state
+from builder.steps import STEPS, FilesystemStep, StageState, StepInputs, go_duration, scratch_state
 from parser import parse
 
 
-@dataclass
-class FakeContext:
-    escape: str = "\\"
-    build_args: dict[str, str] = field(default_factory=dict)
-    global_args: dict[str, str] = field(default_factory=dict)
-
-    def make_workdir(self, state: StageState, path: str) -> StageState:
-        return state  # creating the directory is the solver's job, tested end to end
-
-
 def apply(text: str, state: StageState | None = None, **context) -> StageState:
-    ctx = FakeContext(**context)
+    """The stage after ``text``'s instructions; a filesystem change is the solver's, tested end to end."""
+    inputs = StepInputs(**context)
     state = state or scratch_state("1970-01-01T00:00:00Z")
     for instruction in parse(text).instructions[1:]:  # after the FROM
-        state = STEPS[type(instruction)](ctx, state, instruction)
+        outcome = STEPS[type(instruction)](inputs, state, instruction)
+        state = outcome.state if isinstance(outcome, FilesystemStep) else outcome
     return state
 
 

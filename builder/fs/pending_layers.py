@@ -9,7 +9,7 @@ final image (those of a stage only copied from) are never compressed at all.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +31,11 @@ class LayerSource:
 class PendingLayers:
     """Writes the blobs of layers made by this build, one at a time, in the order they were started."""
 
-    def __init__(self, blobs: BlobStore, compression: Literal["zstd", "gzip"], source_date_epoch: int) -> None:
+    def __init__(self, blobs: BlobStore, compression: Literal["zstd", "gzip"], source_date_epoch: int,
+                 on_written: Callable[[Layer], None] | None = None) -> None:
+        """``on_written`` is told of each blob written (the step cache records it for later builds)."""
         self.blobs = blobs
+        self.on_written = on_written
         self.compression = compression
         self.source_date_epoch = source_date_epoch
         self._lock = threading.Lock()
@@ -86,6 +89,8 @@ class PendingLayers:
         if layer is None or layer.diff_id != diff_id:
             raise PybuildError(f"the snapshot of layer {diff_id} changed before its blob was written",
                                hint=f"something else modified {source.snapshot}; build again")
+        if self.on_written is not None:
+            self.on_written(layer)
         return layer
 
     def close(self, wait: bool = True) -> None:

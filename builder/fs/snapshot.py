@@ -284,6 +284,10 @@ class Snapshots:
                                    "filesystems") from None
             raise
 
+    def size(self, diff_id: str) -> int:
+        """Bytes the layer's snapshot takes on disk."""
+        return _tree_size(self.path(diff_id))
+
     def remove_unused(self, used: Collection[str]) -> tuple[int, int]:
         """Remove every snapshot, of any snapshotter, whose diff_id is not in ``used``; returns (count, bytes).
 

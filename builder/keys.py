@@ -1,0 +1,122 @@
+"""What enters a step's cache key: the operation as plain data, and digests of the files it reads.
+
+The rule is the result's: an input enters when it can change the layer the step makes, and only then.
+File times enter only where the layer keeps them (older than SOURCE_DATE_EPOCH; the default epoch, 0,
+clamps every time away); a source file's owner never does (COPY writes root or ``--chown``), nor its mode
+under ``--chmod``; absolute paths and inode numbers never do. A superset is safe (it costs a hit, never a
+wrong result): the files a COPY reads are taken with whole directories, before ``--exclude``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+import stat
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from builder.fs.context import SourceTree
+from builder.ops import CopyOp, DirectoryOp, RunOp, WorkdirOp
+from cache.files import FileDigests
+from parser.flags import Mount
+
+
+def op_data(op: RunOp | CopyOp | WorkdirOp | DirectoryOp, network: str) -> dict[str, Any]:
+    """The operation as JSON data: every field that can change the result, none that cannot."""
+    if isinstance(op, RunOp):
+        return {"kind": "run", "argv": list(op.argv), "env": [list(pair) for pair in op.env], "user": op.user,
+                "cwd": op.cwd, "network": op.network or network, "mounts": [_mount_data(mount) for mount in op.mounts],
+                "scripts": [[name, hashlib.sha256(body).hexdigest()] for name, body in op.scripts]}
+    if isinstance(op, CopyOp):
+        copy = op.copy
+        fields = {name: value for name, value in asdict(copy).items()
+                  if name not in ("location", "original", "source_contents")}
+        inline = [[heredoc.name, heredoc.chomp, hashlib.sha256(heredoc.content.encode()).hexdigest()]
+                  for heredoc in copy.source_contents]
+        return {"kind": type(copy).__name__.lower(), **fields, "inline": inline, "workdir": op.workdir}
+    if isinstance(op, WorkdirOp):
+        return {"kind": "workdir", "path": op.path, "user": op.user}
+    return {"kind": "directory"}
+
+
+def _mount_data(mount: Mount) -> dict[str, Any]:
+    """A mount's options; a secret is named by its id and where it goes, never by its value."""
+    return {name: value for name, value in asdict(mount).items() if value is not None}
+
+
+class TreeDigests:
+    """Digests of the entries a step reads from a source tree, by their path in it.
+
+    An entry's digest holds what the copy keeps of it: its kind, its mode (unless ``--chmod`` sets it),
+    its content or link target, the path it is a hard link of, and its time where the layer keeps one.
+    """
+
+    def __init__(self, files: FileDigests, epoch: int) -> None:
+        self.files = files
+        self.epoch = epoch
+
+    def _entry(self, path: str, st: os.stat_result, chmod: bool, links: dict[tuple[int, int], str],
+               rel: str) -> str:
+        mode = "" if chmod else format(stat.S_IMODE(st.st_mode), "o")
+        kept_time = f":{min(st.st_mtime_ns // 1_000_000_000, self.epoch)}" if self.epoch else ""
+        kind = stat.S_IFMT(st.st_mode)
+        if kind == stat.S_IFDIR:
+            return f"d:{mode}{kept_time}"
+        if kind == stat.S_IFLNK:
+            return f"l:{os.readlink(path)}{kept_time}"
+        if st.st_nlink > 1:
+            first = links.setdefault((st.st_dev, st.st_ino), rel)
+            if first != rel:
+                return f"h:{first}"
+        if kind == stat.S_IFREG:
+            return f"f:{mode}:{self.files.digest(path, st)}{kept_time}"
+        return f"o:{mode}:{kind}:{st.st_rdev}{kept_time}"
+
+    def walk(self, tree: SourceTree, rel: str, *, chmod: bool, out: dict[str, str], prefix: str = "") -> None:
+        """Add ``rel`` (a path in ``tree``, "" for its root) and, for a directory, all it holds that the
+        tree's ignore rules keep; keys are ``prefix`` + the path in the tree."""
+        links: dict[tuple[int, int], str] = {}
+        top = tree.root / rel if rel else tree.root
+        st = os.lstat(top)
+        out[prefix + (rel or ".")] = self._entry(str(top), st, chmod, links, rel or ".")
+        if stat.S_ISDIR(st.st_mode):
+            for path, child_rel, child_st in _below(tree, top, rel):
+                out[prefix + child_rel] = self._entry(path, child_st, chmod, links, child_rel)
+
+    def sources(self, tree: SourceTree, copy: CopyOp, out: dict[str, str], prefix: str = "") -> None:
+        """Every entry a COPY or ADD reads from ``tree``: what its sources match, whole."""
+        verb = "ADD" if type(copy.copy).__name__ == "Add" else "COPY"
+        chmod = copy.copy.chmod is not None
+        parents = bool(getattr(copy.copy, "parents", False))
+        for source in copy.copy.sources:
+            if source.startswith(("http://", "https://")):
+                continue  # keyed by its checksum, or not cached at all (builder.solver)
+            rel = tree.relative(source.replace("/./", "/") if parents else source, verb)
+            for match in tree.find(rel, verb=verb, source=source, recursive=parents):
+                if parents:  # the directories above each match are copied too
+                    parts = match.path.split("/")[:-1]
+                    for depth in range(1, len(parts) + 1):
+                        above = "/".join(parts[:depth])
+                        real = tree.resolve(above, verb=verb, source=source)
+                        out[prefix + above] = self._entry(str(real), os.stat(real), chmod, {}, above)
+                if match.path != match.real_rel:  # reached through a symlink: the name used is an input too
+                    out[prefix + match.path + " ->"] = match.real_rel
+                self.walk(tree, match.real_rel, chmod=chmod, out=out, prefix=prefix)
+
+
+def _below(tree: SourceTree, directory: Path, rel: str) -> Iterator[tuple[str, str, os.stat_result]]:
+    """Entries below ``directory`` that the tree's ignore rules keep, in name order, depth first."""
+    with os.scandir(directory) as scan:
+        entries = sorted(scan, key=lambda entry: entry.name)
+    for entry in entries:
+        child = posixpath.join(rel, entry.name) if rel else entry.name
+        st = entry.stat(follow_symlinks=False)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        if not tree.present(child, is_dir=is_dir):
+            continue
+        yield entry.path, child, st
+        if is_dir:
+            yield from _below(tree, Path(entry.path), child)

@@ -1,0 +1,128 @@
+"""The step cache as a build uses it: lookups that make sure the layer is still there, stores, explanations.
+
+The index (``cache.index``) says which layer a key made; a hit needs that layer's files (its snapshot, or
+a blob to unpack it from). What is gone or damaged is forgotten and the step runs again, with a warning
+for damage: the cache may cost a rerun, never a wrong layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from builder.fs.snapshot import Snapshots
+from builder.graph import Stage
+from builder.oci.image import MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, Layer
+from builder.progress import Progress
+from cache.blobs import BlobStore
+from cache.files import FileDigests
+from cache.index import LayerBlob, LayerBlobs, StepIndex, StepResult
+from cache.keys import MissCause, miss_cause
+from cache.records import BuildRecords
+from parser.errors import PybuildError
+
+
+@dataclass
+class Hit:
+    """A cached step's layer (None: the step changed no file); ``snapshot`` is set when its blob is still
+    to be written from it, over the snapshots of ``lowers`` (None: a --link layer, over nothing)."""
+
+    layer: Layer | None
+    snapshot: Path | None = None
+
+
+class StepCache:
+    def __init__(self, root: Path, *, identity: str, compression: str, no_cache: bool,
+                 no_cache_stages: frozenset[str], snapshots: Snapshots, blobs: BlobStore, progress: Progress) -> None:
+        self.index = StepIndex(root)
+        self.layer_blobs = LayerBlobs(root)
+        self.file_digests = FileDigests(root)
+        self.records = BuildRecords(root)
+        self.identity = identity
+        self.media_type = MEDIA_LAYER_GZIP if compression == "gzip" else MEDIA_LAYER_ZSTD
+        self.no_cache = no_cache
+        self.no_cache_stages = no_cache_stages
+        self.snapshots = snapshots
+        self.blobs = blobs
+        self.progress = progress
+        self._previous: dict[str, Any] | None = None
+        self._current: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def refused(self, stage: Stage) -> MissCause | None:
+        """Why this stage may not use the cache, if the command line says so."""
+        if self.no_cache:
+            return MissCause("no-cache", "--no-cache", {})
+        if stage.name in self.no_cache_stages or str(stage.index) in self.no_cache_stages:
+            return MissCause("no-cache", "--no-cache-filter", {})
+        return None
+
+    def lookup(self, key: str) -> Hit | None:
+        result = self.index.get(key)
+        if result is None:
+            return None
+        if result.diff_id is None:
+            return Hit(None)
+        diff_id = result.diff_id
+        blob = self.layer_blobs.get(diff_id, self.media_type)
+        if blob is not None and not self._blob_intact(blob):
+            blob = None
+        if self.snapshots.has(diff_id):
+            if blob is not None:
+                return Hit(Layer(diff_id, blob.digest, blob.size, blob.media_type))
+            return Hit(Layer(diff_id, "", 0, self.media_type), self.snapshots.path(diff_id))
+        if blob is None:
+            self.index.forget(key)  # neither its files nor its blob are left (pruned): run it again
+            return None
+        try:
+            self.snapshots.unpack(diff_id, self.blobs.path(blob.digest))
+        except PybuildError as exc:
+            self.progress.message(f"[warning] the cached layer {diff_id} is damaged ({exc.message}); "
+                                  "removed, the step runs again")
+            self.blobs.remove(blob.digest)
+            self.index.forget(key)
+            return None
+        return Hit(Layer(diff_id, blob.digest, blob.size, blob.media_type))
+
+    def _blob_intact(self, blob: LayerBlob) -> bool:
+        """A blob present at its recorded size (its digest is checked whenever it is read)."""
+        try:
+            return self.blobs.path(blob.digest).stat().st_size == blob.size
+        except OSError:
+            return False
+
+    def store(self, key: str, layer: Layer | None) -> None:
+        self.index.put(key, StepResult(None if layer is None else layer.diff_id))
+
+    def layer_written(self, layer: Layer) -> None:
+        """A layer's blob is in the blob store: later hits on it need not write it again."""
+        self.layer_blobs.put(layer.diff_id, LayerBlob(layer.digest, layer.size, layer.media_type))
+
+    def _place(self, stage: Stage, place: str) -> str:
+        return f"{stage.label}/{place}"
+
+    def remember(self, place: str, stage: Stage, key: str, inputs: dict[str, Any]) -> None:
+        with self._lock:
+            self._current[self._place(stage, place)] = {"key": key, "inputs": inputs}
+
+    def explain(self, place: str, stage: Stage, key: str | None, inputs: dict[str, Any]) -> MissCause | None:
+        """Why a step runs that the previous build of this Dockerfile and target had cached; None if it had not."""
+        with self._lock:
+            if self._previous is None:
+                self._previous = self.records.load(self.identity)
+            previous = self._previous.get(self._place(stage, place))
+        if not isinstance(previous, dict) or not isinstance(previous.get("inputs"), dict):
+            return None
+        if previous.get("key") == key:
+            return MissCause("removed", "its cached result was removed", {})
+        return miss_cause(previous["inputs"], inputs)
+
+    def finish(self) -> None:
+        """The build succeeded: its steps become what the next build of the same target compares with."""
+        with self._lock:
+            if self._previous is None:
+                self._previous = self.records.load(self.identity)
+            steps = self._current
+        self.records.save(self.identity, steps)

@@ -1,0 +1,77 @@
+"""File content digests remembered by stat, so a file whose stat did not change is not read again.
+
+A remembered digest is used only while the file's size, mtime, ctime and inode are all unchanged. As git
+does for its index ("racy git"), a file changed within a moment of being hashed may change again without
+its stat showing it, so such a digest is not remembered: the next build reads that file again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import marshal
+import os
+import tempfile
+import time
+from pathlib import Path
+
+CHUNK = 1 << 20
+RACY_NS = 2_000_000_000  # a file changed this recently when hashed is hashed again next time
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb", buffering=0) as file:
+        while chunk := file.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class FileDigests:
+    """Digests by absolute path and stat, loaded from and saved to one file (``ROOT/file-digests``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / "file-digests"
+        self.known: dict[str, tuple[int, int, int, int, str]] = {}
+        self.fresh: dict[str, tuple[int, int, int, int, str]] = {}
+        self.loaded = False
+
+    def _load(self) -> None:
+        self.loaded = True
+        try:
+            with open(self.path, "rb") as file:
+                value = marshal.load(file)
+        except (OSError, EOFError, ValueError, TypeError):
+            return
+        if isinstance(value, dict):
+            self.known = value
+
+    def digest(self, path: str, st: os.stat_result) -> str:
+        """The sha256 (hex) of the regular file at ``path`` whose lstat is ``st``."""
+        if not self.loaded:
+            self._load()
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        known = self.known.get(path)
+        if known is not None and known[:4] == stamp:
+            self.fresh[path] = known
+            return known[4]
+        value = sha256_file(path)
+        if max(st.st_mtime_ns, st.st_ctime_ns) < time.time_ns() - RACY_NS:
+            self.fresh[path] = (*stamp, value)
+        return value
+
+    def save(self) -> None:
+        """Remember the digests used by this build, and the others still known (concurrent builds: last wins)."""
+        if not self.fresh or all(self.known.get(path) == entry for path, entry in self.fresh.items()):
+            return
+        merged = {**self.known, **self.fresh}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".file-digests-{os.getpid()}-", dir=self.path.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                marshal.dump(merged, file)
+            os.replace(name, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            raise

@@ -1,0 +1,42 @@
+"""What each step of the last build of a Dockerfile and target had as inputs, to explain the next build's misses.
+
+One record per (Dockerfile, target), keyed by a hash of both, under ``ROOT/builds``; it maps a step's place
+(stage and position) to its key and inputs. A build reads the previous record before it starts and writes
+its own at the end, so a build of another target in between does not lose the comparison.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from cache.index import read_record, write_record
+
+
+class BuildRecords:
+    def __init__(self, root: Path) -> None:
+        self.root = root / "builds"
+
+    @staticmethod
+    def identity(dockerfile: str, target: str) -> str:
+        return hashlib.sha256(f"{dockerfile}\0{target}".encode("utf-8", "surrogateescape")).hexdigest()
+
+    def load(self, identity: str) -> dict[str, Any]:
+        """The previous build's steps: place to {"key": ..., "inputs": ...}; empty when there was none."""
+        value = read_record(self.root / identity)
+        steps = value.get("steps") if isinstance(value, dict) else None
+        return steps if isinstance(steps, dict) else {}
+
+    def save(self, identity: str, steps: Mapping[str, Any]) -> None:
+        write_record(self.root / identity, {"steps": dict(steps)})
+
+    def remove_all(self) -> int:
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        for entry in self.root.iterdir():
+            entry.unlink(missing_ok=True)
+            removed += 1
+        return removed
