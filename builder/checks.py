@@ -21,7 +21,7 @@ from parser.instructions import Add, Copy, Expose, Instruction, Run, Stopsignal,
 if TYPE_CHECKING:
     from builder.graph import BuildGraph
 
-SUPPORTED_MOUNT_TYPES = ("bind", "tmpfs", "secret")
+SUPPORTED_MOUNT_TYPES = ("bind", "cache", "tmpfs", "secret")
 NETWORK_MODES = ("default", "none", "host")
 
 Known = Callable[[str], bool]

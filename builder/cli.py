@@ -240,9 +240,9 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     interpreter = _start_sandbox_early(source)
     try:
         from builder.build import BuildRequest, run_build
-        from parser import parse
+        from cache.parsed import parsed
 
-        dockerfile = parse(source, name)
+        dockerfile = parsed(source, name, root / "cache")
         _show_warnings(dockerfile.warnings, name)
         if compression is None:
             # docker load reads gzip layers, not zstd

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import posixpath
 import stat
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -83,7 +82,8 @@ class TreeDigests:
         st = os.lstat(top)
         out[prefix + (rel or ".")] = self._entry(str(top), st, chmod, links, rel or ".")
         if stat.S_ISDIR(st.st_mode):
-            for path, child_rel, child_st in _below(tree, top, rel):
+            start = tree.ignore.state_of(rel) if tree.ignore is not None and rel else None
+            for path, child_rel, child_st in _below(tree, top, rel, start):
                 out[prefix + child_rel] = self._entry(path, child_st, chmod, links, child_rel)
 
     def sources(self, tree: SourceTree, copy: CopyOp, out: dict[str, str], prefix: str = "") -> None:
@@ -107,16 +107,23 @@ class TreeDigests:
                 self.walk(tree, match.real_rel, chmod=chmod, out=out, prefix=prefix)
 
 
-def _below(tree: SourceTree, directory: Path, rel: str) -> Iterator[tuple[str, str, os.stat_result]]:
-    """Entries below ``directory`` that the tree's ignore rules keep, in name order, depth first."""
+def _below(tree: SourceTree, directory: Path | str, rel: str, parent: Any) -> Iterator[tuple[str, str, os.stat_result]]:
+    """Entries below ``directory`` that the tree's ignore rules keep, in name order, depth first.
+
+    ``parent`` is the ignore rules' state of ``rel``: each entry's state follows from its parent's.
+    """
+    ignore = tree.ignore
     with os.scandir(directory) as scan:
         entries = sorted(scan, key=lambda entry: entry.name)
     for entry in entries:
-        child = posixpath.join(rel, entry.name) if rel else entry.name
+        child = f"{rel}/{entry.name}" if rel else entry.name
         st = entry.stat(follow_symlinks=False)
         is_dir = stat.S_ISDIR(st.st_mode)
-        if not tree.present(child, is_dir=is_dir):
-            continue
+        state = None
+        if ignore is not None:
+            state = ignore.state(child, parent)
+            if ignore.is_excluded(state) and not (is_dir and ignore.may_reinclude_under(child)):
+                continue
         yield entry.path, child, st
         if is_dir:
-            yield from _below(tree, Path(entry.path), child)
+            yield from _below(tree, entry.path, child, state)

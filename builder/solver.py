@@ -32,6 +32,7 @@ from builder.sandbox.namespace import UnmappedId, check_mapped
 from builder.step_cache import StepCache
 from builder.steps import STEPS, FilesystemStep, StageState, StepInputs, describe, heredoc_body, scratch_state
 from cache.keys import step_key
+from cache.mounts import CacheMounts
 from cache.records import BuildRecords
 from parser.errors import PybuildError, SourceRange
 from parser.flags import Mount, mount_id, mount_mode, mount_size
@@ -102,6 +103,7 @@ class Solver:
         self.blobs = BlobStore(state_root)
         self.snapshots = Snapshots(state_root / "snapshots")
         snapshotter(self.snapshots.root)  # chosen where the choice is remembered, before any step's scratch dir
+        self.cache_mounts = CacheMounts(state_root / "cache" / "mounts")
         self.tmp_root = state_root / "tmp"
         self.tmp_root.mkdir(parents=True, exist_ok=True)
         mark_top_directory(self.tmp_root)  # each step's work dir is its own tree
@@ -609,6 +611,8 @@ class StepContext:
                 else:
                     path = Path(shutil.copy2(path, scratch / "file"))
             return sandbox.BindMount(source=path, target=_absolute(mount.target), readonly=not writable)
+        if kind == "cache":
+            return self._cache_mount(stack, mount, location)
         if kind == "tmpfs":
             size = mount_size(mount.size) if mount.size is not None else None
             return sandbox.TmpfsMount(target=_absolute(mount.target), size=size)
@@ -630,6 +634,40 @@ class StepContext:
                                    mode=mount_mode(mount.mode) if mount.mode is not None else 0o400,
                                    uid=mount_id("uid", mount.uid) if mount.uid is not None else 0,
                                    gid=mount_id("gid", mount.gid) if mount.gid is not None else 0)
+
+
+    def _cache_mount(self, stack: contextlib.ExitStack, mount: Mount, location: SourceRange | None):
+        """A cache mount: a directory kept between builds, never part of a layer nor of a key.
+
+        Its id defaults to the target, as BuildKit's does; a ``from`` seeds a new cache with that source's
+        ``source`` path (which is then part of what names the cache, so two seeds never share one).
+        """
+        from builder.fs.context import PathEscape, SourceTree, resolve_in_root
+
+        uid = mount_id("uid", mount.uid) if mount.uid is not None else 0
+        gid = mount_id("gid", mount.gid) if mount.gid is not None else 0
+        check_mapped(uid, gid, "RUN --mount=type=cache")
+        mode = mount_mode(mount.mode) if mount.mode is not None else 0o755
+        name = mount.id or _absolute(mount.target)
+        seed = None
+        if mount.from_ is not None:
+            source = stack.enter_context(self.source_root(mount.from_, location))
+            base = source.root if isinstance(source, SourceTree) else source
+            try:
+                seed = resolve_in_root(Path(base), mount.source or "/", confined=isinstance(source, SourceTree))
+            except PathEscape:
+                raise PybuildError(f"RUN --mount source {mount.source!r} leads outside its root", location) from None
+            if not seed.is_dir():
+                raise PybuildError(f"RUN --mount=type=cache: source {mount.source or '/'!r} of {mount.from_} is not "
+                                   "a directory", location)
+            name = f"{name}\0from={mount.from_}\0source={mount.source or '/'}"
+        path = stack.enter_context(self.solver.cache_mounts.acquire(
+            name, sharing=mount.sharing or "shared", uid=uid, gid=gid, mode=mode, seed=seed))
+        if mount.from_ is None and mount.source:  # a subdirectory of the cache
+            from builder.fs.copy import make_directory
+
+            path = make_directory(path, mount.source, owner=(uid, gid))
+        return sandbox.BindMount(source=path, target=_absolute(mount.target), readonly=bool(mount.readonly))
 
 
 def unpack_layers(snapshots, blobs, image: oci.Image) -> None:

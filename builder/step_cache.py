@@ -124,5 +124,6 @@ class StepCache:
         with self._lock:
             if self._previous is None:
                 self._previous = self.records.load(self.identity)
-            steps = self._current
-        self.records.save(self.identity, steps)
+            steps, unchanged = self._current, self._current == self._previous
+        if not unchanged:  # a rebuild that hit every step need not write the same record again
+            self.records.save(self.identity, steps)

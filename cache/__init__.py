@@ -1,1 +1,1 @@
-"""Content-addressed blob store and the index from step cache keys to layers."""
+"""Caching, with no knowledge of how images are built: blobs, step keys and their index, leases, collection."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cache.index import LayerBlobs, StepIndex
+from cache.mounts import CacheMounts
 from cache.records import BuildRecords
 
 
@@ -58,11 +59,14 @@ def free_unused(images: ImageStoreLike, snapshots: SnapshotsLike, cache_root: Pa
     for image_id in unnamed:
         images.remove(image_id)
     dropped = 0
+    mount_bytes = 0
     if drop_cache:
         dropped = StepIndex(cache_root).remove_all()
         BuildRecords(cache_root).remove_all()
+        removed_mounts, mount_bytes = CacheMounts(cache_root / "mounts").remove_all()
+        dropped += removed_mounts
     kept_layers, kept_blobs = cached_layers(cache_root)
     blobs, blob_bytes = images.gc(keep=kept_blobs, grace_seconds=0)
     used = {layer.diff_id for stored in images.list() for layer in stored.image.layers} | kept_layers
     removed, snapshot_bytes = snapshots.remove_unused(used)
-    return Freed(unnamed, dropped, blobs, removed, blob_bytes + snapshot_bytes)
+    return Freed(unnamed, dropped, blobs, removed, blob_bytes + snapshot_bytes + mount_bytes)

@@ -101,3 +101,33 @@ def test_dataclass_values_are_never_assigned_to() -> None:
 ])
 def test_the_value_check_finds_assignments(source: str, expected: list[str]) -> None:
     assert _value_mutations("m.py", ast.parse(source)) == expected
+
+
+def _imported_modules(tree: ast.Module) -> set[str]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            found.add(node.module)
+    return found
+
+
+@pytest.mark.parametrize(("package", "forbidden"), [
+    ("cache", "builder"),  # the cache knows nothing of how images are built
+    ("parser", "builder"),  # the language comes first in the pipeline
+    ("parser", "cache"),
+])
+def test_packages_import_only_what_comes_before_them(package: str, forbidden: str) -> None:
+    found = []
+    for path in sorted((REPO_ROOT / package).rglob("*.py")):
+        for module in _imported_modules(ast.parse(path.read_text(encoding="utf-8"))):
+            if module == forbidden or module.startswith(forbidden + "."):
+                found.append(f"{path.relative_to(REPO_ROOT)} imports {module}")
+    assert not found, "; ".join(found)
+
+
+def test_steps_do_not_import_the_solver() -> None:
+    """Instructions give operation values; the solver carries them out: the dependency goes one way."""
+    tree = ast.parse((REPO_ROOT / "builder" / "steps.py").read_text(encoding="utf-8"))
+    assert not {module for module in _imported_modules(tree) if module.startswith("builder.solver")}

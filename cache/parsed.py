@@ -1,0 +1,50 @@
+"""Parsed Dockerfiles remembered by their bytes, so a rebuild need not load the grammar library at all.
+
+The key is the file's name and bytes and the parser's own files (their names, sizes and times): a
+changed or reinstalled parser parses again. Entries are pickles of the parser's dataclasses, written
+atomically into the user's own store, which nobody else writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import parser as parser_package
+from parser.instructions import Dockerfile, parse
+
+_PARSER_DIR = Path(parser_package.__file__).parent
+
+
+def _parser_stamp() -> bytes:
+    entries = sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns) for entry in os.scandir(_PARSER_DIR)
+                     if entry.name.endswith((".py", ".lark")))
+    return repr(entries).encode()
+
+
+def parsed(source: bytes, filename: str, root: Path) -> Dockerfile:
+    """``parse(source, filename)``, from ``ROOT/parsed`` when these bytes were parsed before."""
+    key = hashlib.sha256(_parser_stamp() + b"\0" + filename.encode("utf-8", "surrogateescape") + b"\0" + source)
+    path = root / "parsed" / key.hexdigest()
+    with contextlib.suppress(OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
+        with open(path, "rb") as file:
+            found = pickle.load(file)
+        if isinstance(found, Dockerfile):
+            return found
+    dockerfile = parse(source, filename)  # a syntax error raises here, and nothing is remembered
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".parsed-{os.getpid()}-", dir=path.parent)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                pickle.dump(dockerfile, file, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(name, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            raise
+    return dockerfile
