@@ -41,6 +41,9 @@ class BuildRequest:
     source_date_epoch: int = 0
     no_cache: bool = False
     no_cache_stages: frozenset[str] = frozenset()
+    cache_from: tuple[Mapping[str, str], ...] = ()
+    cache_to: tuple[Mapping[str, str], ...] = ()
+    dry_run: bool = False
 
 
 @dataclass
@@ -78,10 +81,16 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                 compression=request.compression, secrets=request.secrets, network=request.network,
                 named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
                 dockerfile_path=request.dockerfile_path, no_cache=request.no_cache,
-                no_cache_stages=request.no_cache_stages,
+                no_cache_stages=request.no_cache_stages, cache_from=request.cache_from, cache_to=request.cache_to,
+                dry_run=request.dry_run,
             )
             solver = Solver(graph, options, progress, root, interpreter)
             image = solver.solve()
+            if request.dry_run:
+                planned = [step.state for step in progress.steps]
+                progress.message(f"dry run: {planned.count('cached')} steps cached, {planned.count('would-run')} "
+                                 "would run; nothing was run or stored")
+                return BuildResult("", "", ())
             names = tuple(request.tags)
             for output in request.outputs:
                 if output.get("type") == "image" and output.get("name"):
@@ -108,9 +117,65 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                     metadata["image.name"] = ",".join(names)
                 _write_text(request.metadata_file, json.dumps(metadata, indent=2))
             progress.result(image_id, manifest.digest, names)
-            return BuildResult(image_id, manifest.digest, names)
         finally:
             progress.close()
+    keep_cache_in_bounds(root)
+    return BuildResult(image_id, manifest.digest, names)
+
+
+CACHE_LIMIT_ENV = "PYBUILD_CACHE_LIMIT"
+COLLECT_EVERY_SECONDS = 600
+
+
+def cache_limit(root: Path) -> int | None:
+    """How many bytes the build cache may keep beyond what images use: $PYBUILD_CACHE_LIMIT (a size such as
+    20GB, 0 for no limit), by default a tenth of the store's filesystem, as BuildKit's default keeps."""
+    import os
+
+    from parser.flags import MountError, mount_size
+
+    text = os.environ.get(CACHE_LIMIT_ENV)
+    if text is None:
+        stats = os.statvfs(root)
+        return stats.f_blocks * stats.f_frsize // 10
+    try:
+        limit = mount_size(text)
+    except MountError:
+        raise PybuildError(f"{CACHE_LIMIT_ENV}={text!r}: write a size such as 20GB, or 0 for no limit") from None
+    return limit or None
+
+
+def keep_cache_in_bounds(root: Path) -> None:
+    """After a build, at most every ten minutes: when the cache keeps more than its limit, forget its least
+    recently used entries down to 80% of it, and free their layers. Only when no other build runs."""
+    import time
+
+    from cache.leases import exclusive_lease
+
+    marker = root / "cache" / "last-collection"
+    try:
+        if time.time() - marker.stat().st_mtime < COLLECT_EVERY_SECONDS:
+            return
+    except FileNotFoundError:  # a new store: its first check comes ten minutes on
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return
+    limit = cache_limit(root)
+    with exclusive_lease(root, wait=False) as held:
+        if not held:
+            return
+        marker.touch()
+        if limit is None:
+            return
+        from builder.fs.snapshot import Snapshots
+        from builder.oci.store import ImageStore
+        from cache.gc import cache_usage, evict, free_unused
+
+        images, snapshots = ImageStore(root), Snapshots(root / "snapshots")
+        if cache_usage(images, snapshots, images.blobs.size_of, root / "cache").total <= limit:
+            return
+        evicted = evict(images, snapshots, images.blobs.size_of, root / "cache", keep_bytes=limit * 8 // 10)
+        free_unused(images, snapshots, root / "cache", evicted=evicted)
 
 
 def _write_text(path: Path, text: str) -> None:

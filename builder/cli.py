@@ -170,6 +170,30 @@ def _secrets(values: tuple[str, ...]):
     return secrets
 
 
+def _cache_specs(values: tuple[str, ...], flag: str) -> tuple[dict[str, str], ...]:
+    """--cache-from type=local,src=DIR and --cache-to type=local,dest=DIR[,mode=min|max]; other kinds are named."""
+    path_key = "src" if flag == "--cache-from" else "dest"
+    allowed = {"type", path_key} | ({"mode"} if flag == "--cache-to" else set())
+    specs = []
+    for text in values:
+        if "=" not in text:
+            raise PybuildError(f"{flag} {text!r}: a registry cache is not supported by pybuild yet",
+                               hint=f"use {flag} type=local,{path_key}=DIR")
+        fields = _options(text, flag)
+        kind = fields.get("type", "")
+        if kind != "local":
+            raise PybuildError(f"{flag} {text!r}: type={kind} is not supported by pybuild yet (only type=local)")
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise PybuildError(f"{flag} {text!r}: option {unknown[0]!r} is not supported")
+        if not fields.get(path_key):
+            raise PybuildError(f"{flag} {text!r}: {path_key}= is required")
+        if fields.get("mode", "min") not in ("min", "max"):
+            raise PybuildError(f"{flag} {text!r}: mode must be min or max")
+        specs.append(fields)
+    return tuple(specs)
+
+
 def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
     outputs = []
     for text in values:
@@ -195,6 +219,12 @@ def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
 @click.option("--no-cache", is_flag=True, help="Do not use the cache when building the image.")
 @click.option("--no-cache-filter", "no_cache_filter", multiple=True, metavar="STAGE[,STAGE]",
               help="Do not use the cache for these stages (names or indexes).")
+@click.option("--cache-from", "cache_from", multiple=True, metavar="type=local,src=DIR",
+              help="Use the build cache a --cache-to wrote into DIR.")
+@click.option("--cache-to", "cache_to", multiple=True, metavar="type=local,dest=DIR[,mode=min|max]",
+              help="Write this build's cache into DIR (mode=max: every stage's steps, not only the image's).")
+@click.option("--dry-run", "dry_run", is_flag=True,
+              help="Say which steps the cache has and why the others would run; run, write and store nothing.")
 @click.option("--progress", type=click.Choice(["auto", "plain", "tty", "quiet", "json"]), default="auto",
               show_default=True, help="How to show progress.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image ID (same as --progress=quiet).")
@@ -214,8 +244,8 @@ def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
 @click.option("--platform", help="Target platform; only this machine's is supported so far.")
 @click.pass_obj
 def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ...], build_args: tuple[str, ...],
-          target: str | None, no_cache: bool, no_cache_filter: tuple[str, ...], progress: str, quiet: bool,
-          outputs: tuple[str, ...],
+          target: str | None, no_cache: bool, no_cache_filter: tuple[str, ...], cache_from: tuple[str, ...],
+          cache_to: tuple[str, ...], dry_run: bool, progress: str, quiet: bool, outputs: tuple[str, ...],
           iidfile: Path | None, metadata_file: Path | None, secrets: tuple[str, ...], network: str,
           build_contexts: tuple[str, ...], compression: str | None, platform: str | None) -> None:
     """Build an image from the Dockerfile in CONTEXT."""
@@ -230,6 +260,9 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     source, name = _read_dockerfile(file, context)
     root = _store_root(store_root)
     parsed_outputs = _outputs(outputs)
+    cache_sources, cache_targets = _cache_specs(cache_from, "--cache-from"), _cache_specs(cache_to, "--cache-to")
+    for spec in cache_targets:
+        _check_writable(Path(spec["dest"]), "--cache-to", directory=True)
     for output in parsed_outputs:
         if output.get("dest"):
             _check_writable(Path(output["dest"]), f"--output type={output['type']}",
@@ -237,7 +270,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     for path, what in ((iidfile, "--iidfile"), (metadata_file, "--metadata-file")):
         if path is not None:
             _check_writable(path, what)
-    interpreter = _start_sandbox_early(source)
+    interpreter = None if dry_run else _start_sandbox_early(source)
     try:
         from builder.build import BuildRequest, run_build
         from cache.parsed import parsed
@@ -265,6 +298,9 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
             progress="quiet" if quiet else progress,
             source_date_epoch=_source_date_epoch(_key_values(build_args, "--build-arg")),
             no_cache=no_cache,
+            cache_from=cache_sources,
+            dry_run=dry_run,
+            cache_to=cache_targets,
             no_cache_stages=frozenset(name.strip() for text in no_cache_filter for name in text.split(",")
                                       if name.strip()),
         )
@@ -334,17 +370,26 @@ def _size(size: int) -> str:
     return str(size)
 
 
-def _free_unused(root: Path, *, unnamed_images: bool = False, drop_cache: bool = False):
-    """Free what no image (and unless ``drop_cache``, no step cache entry) uses; the caller holds the lease."""
+def _free_unused(root: Path, *, unnamed_images: bool = False, drop_cache: bool = False, drop_mounts: bool = False,
+                 keep_bytes: int | None = None, unused_for: float | None = None):
+    """Free what no image (and unless ``drop_cache``, no step cache entry) uses; the caller holds the lease.
+
+    ``keep_bytes``/``unused_for``: first forget the least recently used cache entries (``cache.gc.evict``).
+    """
     from builder.fs.snapshot import Snapshots
     from builder.oci.store import ImageStore
-    from cache.gc import free_unused
+    from cache.gc import evict, free_unused
 
-    return free_unused(ImageStore(root), Snapshots(root / "snapshots"), root / "cache",
-                       unnamed_images=unnamed_images, drop_cache=drop_cache)
+    images, snapshots = ImageStore(root), Snapshots(root / "snapshots")
+    evicted = 0
+    if keep_bytes is not None or unused_for is not None:
+        evicted = evict(images, snapshots, images.blobs.size_of, root / "cache", keep_bytes=keep_bytes,
+                        unused_for=unused_for)
+    return free_unused(images, snapshots, root / "cache", unnamed_images=unnamed_images, drop_cache=drop_cache,
+                       drop_mounts=drop_mounts, evicted=evicted)
 
 
-def _free_when_idle(root: Path, **what: bool):
+def _free_when_idle(root: Path, **what):
     """``_free_unused`` once no build runs on the store (saying so when it has to wait)."""
     from cache.leases import exclusive_lease
 
@@ -399,7 +444,7 @@ def prune(store_root: Path) -> None:
 
     root = _store_root(store_root)
     enter_build_namespace()
-    _report(_free_when_idle(root, unnamed_images=True, drop_cache=True))
+    _report(_free_when_idle(root, unnamed_images=True, drop_cache=True, drop_mounts=True))
 
 
 @cli.group()
@@ -408,14 +453,35 @@ def cache() -> None:
 
 
 @cache.command("prune")
+@click.option("--all", "all_", is_flag=True, help="Also empty the RUN --mount=type=cache directories.")
+@click.option("--keep-storage", metavar="SIZE", help="Keep the most recently used entries that fit in SIZE (10GB).")
+@click.option("--filter", "filters", multiple=True, metavar="until=DURATION",
+              help="Only entries unused for DURATION (24h, 90m).")
 @click.pass_obj
-def cache_prune(store_root: Path) -> None:
-    """Remove the build cache, and free the layers no image uses (after running builds end)."""
+def cache_prune(store_root: Path, all_: bool, keep_storage: str | None, filters: tuple[str, ...]) -> None:
+    """Remove the build cache (all of it, or the least recently used), and free the layers no image uses."""
     from builder.sandbox.namespace import enter_build_namespace
+    from parser.flags import MountError, mount_size
+    from parser.instructions import parse_duration
 
+    keep_bytes = unused_for = None
+    if keep_storage is not None:
+        try:
+            keep_bytes = mount_size(keep_storage)
+        except MountError:
+            raise PybuildError(f"--keep-storage {keep_storage!r}: write a size such as 10GB or 500MB") from None
+    for text in filters:
+        name, _, value = text.partition("=")
+        duration = parse_duration(value) if name == "until" else None
+        if duration is None:
+            raise PybuildError(f"--filter {text!r}: only until=DURATION is supported (such as until=24h)")
+        unused_for = duration / 1e9
     root = _store_root(store_root)
     enter_build_namespace()
-    _report(_free_when_idle(root, drop_cache=True))
+    if keep_bytes is None and unused_for is None:
+        _report(_free_when_idle(root, drop_cache=True, drop_mounts=all_))
+        return
+    _report(_free_when_idle(root, drop_mounts=all_, keep_bytes=keep_bytes, unused_for=unused_for))
 
 
 @cache.command("du")

@@ -24,14 +24,15 @@ from parser.flags import Mount
 
 
 def op_data(op: RunOp | CopyOp | WorkdirOp | DirectoryOp, network: str) -> dict[str, Any]:
-    """The operation as JSON data: every field that can change the result, none that cannot."""
+    """The operation as JSON data (lists, never tuples, so a record read back compares equal): every field
+    that can change the result, none that cannot."""
     if isinstance(op, RunOp):
         return {"kind": "run", "argv": list(op.argv), "env": [list(pair) for pair in op.env], "user": op.user,
                 "cwd": op.cwd, "network": op.network or network, "mounts": [_mount_data(mount) for mount in op.mounts],
                 "scripts": [[name, hashlib.sha256(body).hexdigest()] for name, body in op.scripts]}
     if isinstance(op, CopyOp):
         copy = op.copy
-        fields = {name: value for name, value in asdict(copy).items()
+        fields = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(copy).items()
                   if name not in ("location", "original", "source_contents")}
         inline = [[heredoc.name, heredoc.chomp, hashlib.sha256(heredoc.content.encode()).hexdigest()]
                   for heredoc in copy.source_contents]

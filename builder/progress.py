@@ -145,6 +145,9 @@ class PlainProgress(Progress):
         if step.state == "cached":  # as BuildKit writes it
             self._write(f"#{step.number} CACHED")
             return
+        if step.state == "would-run":
+            self._write(f"#{step.number} WOULD RUN")
+            return
         word = {"done": "DONE", "error": "ERROR"}[step.state]
         self._write(f"#{step.number} {word} {step.finished - step.started:.1f}s")
 
@@ -196,6 +199,9 @@ class JsonProgress(Progress):
         self._emit(event="result", image_id=image_id, manifest=manifest_digest, names=list(names))
 
 
+_STATE_WORDS = {"running": "", "done": "DONE", "cached": "CACHED", "would-run": "WOULD RUN", "error": "ERROR"}
+
+
 class TerminalProgress(Progress):
     """A live view: one line per step with its state and time, and the running steps' last output lines."""
 
@@ -218,7 +224,7 @@ class TerminalProgress(Progress):
         lines = [f"[+] Building {now - self.start:.1f}s"]
         for step in self.steps:
             seconds = (step.finished or now) - step.started
-            state = {"running": "", "done": "DONE", "cached": "CACHED", "error": "ERROR"}[step.state].rjust(7)
+            state = _STATE_WORDS[step.state].rjust(9)
             tail = f"{seconds:5.1f}s{state}"
             head = fit(f" => {step.name}", width - len(tail) - 1)
             lines.append(fit(head + " " * (width - 1 - len(tail) - sum(map(_cells, head))) + tail, width))

@@ -31,9 +31,10 @@ from builder.sandbox.linux import mark_top_directory
 from builder.sandbox.namespace import UnmappedId, check_mapped
 from builder.step_cache import StepCache
 from builder.steps import STEPS, FilesystemStep, StageState, StepInputs, describe, heredoc_body, scratch_state
-from cache.keys import step_key
+from cache.keys import MissCause, step_key
 from cache.mounts import CacheMounts
 from cache.records import BuildRecords
+from cache.transfer import CacheSource
 from parser.errors import PybuildError, SourceRange
 from parser.flags import Mount, mount_id, mount_mode, mount_size
 from parser.instructions import Add, Copy, Instruction, Run, parse
@@ -76,10 +77,17 @@ class BuildOptions:
     dockerfile_path: Path | None = None
     no_cache: bool = False
     no_cache_stages: frozenset[str] = frozenset()  # --no-cache-filter: these stages run, the others may hit
+    cache_from: tuple[Mapping[str, str], ...] = ()  # --cache-from type=local,src=DIR
+    cache_to: tuple[Mapping[str, str], ...] = ()  # --cache-to type=local,dest=DIR[,mode=min|max]
+    dry_run: bool = False  # say which steps hit and which would run, and run none
 
 
 def epoch_timestamp(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+class _StageRunsFirst(Exception):
+    """--dry-run: a step reads a stage that has a step that would run, so its own key is not known yet."""
 
 
 class RunFailed(PybuildError):
@@ -111,12 +119,14 @@ class Solver:
         self.context = BuildContext(options.context, dockerfile_path=options.dockerfile_path)
         self.created = epoch_timestamp(options.source_date_epoch)
         self.futures: dict[int, Future[oci.Image]] = {}
+        self.unplanned_stages: set[int] = set()  # --dry-run: stages with a step that would run
         self.failed = threading.Event()
         dockerfile = str(options.dockerfile_path or options.context / "Dockerfile")
         self.cache = StepCache(state_root / "cache", identity=BuildRecords.identity(dockerfile, options.target or ""),
                                compression=options.compression, no_cache=options.no_cache,
                                no_cache_stages=options.no_cache_stages, snapshots=self.snapshots, blobs=self.blobs,
-                               progress=progress)
+                               progress=progress,
+                               sources=tuple(CacheSource(Path(spec["src"])) for spec in options.cache_from))
         self.pending_layers = PendingLayers(self.blobs, options.compression, options.source_date_epoch,
                                             on_written=self.cache.layer_written)
         global_args = platform_args()
@@ -147,8 +157,14 @@ class Solver:
             for index in self.graph.needed:
                 self.futures[index] = pool.submit(self._build_stage_guarded, self.graph.stages[index])
             image = self.futures[self.graph.target].result()
+            if self.options.dry_run:  # nothing was made: no blob to write, no record to keep
+                pool.shutdown(wait=True)
+                return image
             image = replace(image, layers=tuple(self.pending_layers.written(layer) for layer in image.layers))
             self.cache.finish()
+            for spec in self.options.cache_to:
+                stages = None if spec.get("mode") == "max" else self.exported_stages
+                self.cache.export(Path(spec["dest"]), stages, self.pending_layers.written)
         except BaseException:
             # Do not wait for other stages' running steps: the CLI exits, and their sandboxes die with it.
             self.failed.set()
@@ -181,11 +197,11 @@ class Solver:
         ctx = StepContext(self, stage, current_step=number)
         try:
             where = stage.from_instruction.location if stage.from_instruction else None
-            state, cached = ctx.base_state(stage.base, stage.index, where)
+            state, status = ctx.base_state(stage.base, stage.index, where)
         except BaseException:
             self.progress.step_finished(number, "error")
             raise
-        self.progress.step_finished(number, "cached" if cached else "done")
+        self.progress.step_finished(number, status)
         predefined = tuple((name, value) for name, value in self.options.build_args.items()
                            if name in PREDEFINED_ARGS)
         state = replace(state, args=predefined)
@@ -216,7 +232,7 @@ class StepContext:
     def step(self, state: StageState, instruction: Instruction, title: str, place: str) -> StageState:
         progress = self.solver.progress
         self.current_step = progress.step_started(title)
-        cached = False
+        status = "done"
         try:
             handler = STEPS.get(type(instruction))
             if handler is None:
@@ -224,7 +240,7 @@ class StepContext:
                                    instruction.location)
             outcome = handler(self.solver.inputs, state, instruction)
             if isinstance(outcome, FilesystemStep):
-                state, cached = self.filesystem_step(outcome, place, describe(instruction))
+                state, status = self.filesystem_step(outcome, place, describe(instruction))
             else:
                 state = outcome
         except PybuildError as exc:
@@ -235,11 +251,14 @@ class StepContext:
         except BaseException:
             progress.step_finished(self.current_step, "error")
             raise
-        progress.step_finished(self.current_step, "cached" if cached else "done")
+        progress.step_finished(self.current_step, status)
         return state
 
-    def filesystem_step(self, step: FilesystemStep, place: str, text: str) -> tuple[StageState, bool]:
-        """Make ``step``'s change, or take it from the cache; returns the stage after it and whether it hit."""
+    def filesystem_step(self, step: FilesystemStep, place: str, text: str) -> tuple[StageState, str]:
+        """Make ``step``'s change, or take it from the cache; returns the stage after it and "cached" or "done"
+        (with --dry-run, "would-run" instead of making it)."""
+        if self.solver.options.dry_run:
+            return self._plan(step, place, text)
         cache = self.solver.cache
         state = step.state
         inputs = self.key_inputs(step, text)
@@ -254,8 +273,8 @@ class StepContext:
                     below = None if independent else [self.solver.snapshots.path(diff_id) for diff_id in lowers]
                     self.solver.pending_layers.add(hit.layer, hit.snapshot, below,
                                                    start=self.stage.index in self.solver.exported_stages)
-                cache.remember(place, self.stage, key, inputs)
-                return self._with_layer(state, step.created_by, hit.layer), True
+                cache.remember(place, self.stage, key, inputs, hit.layer)
+                return self._with_layer(state, step.created_by, hit.layer), "cached"
         if inputs is not None:
             cause = refused or cache.explain(place, self.stage, key, inputs)
             if cause is not None:
@@ -263,8 +282,35 @@ class StepContext:
         layer = self.execute(state, step.op, independent)
         if key is not None:
             cache.store(key, layer)
-            cache.remember(place, self.stage, key, inputs)
-        return self._with_layer(state, step.created_by, layer), False
+            cache.remember(place, self.stage, key, inputs, layer)
+        return self._with_layer(state, step.created_by, layer), "done"
+
+    def _plan(self, step: FilesystemStep, place: str, text: str) -> tuple[StageState, str]:
+        """--dry-run: whether the step would hit, and if not, why; nothing is run, unpacked or written."""
+        cache = self.solver.cache
+        cause = None
+        if self.stage.index not in self.solver.unplanned_stages:
+            try:
+                inputs = self.key_inputs(step, text)
+            except _StageRunsFirst as exc:
+                cause = MissCause("parent", f"stage {exc.args[0]} runs first", {})
+            else:
+                key = None if inputs is None else step_key(inputs)
+                cause = cache.refused(self.stage)
+                if key is not None and cause is None:
+                    diff_id = cache.peek(key)
+                    if diff_id is not False:
+                        layer = None if diff_id is None else oci.Layer(diff_id, "", 0)
+                        return self._with_layer(step.state, step.created_by, layer), "cached"
+                if cause is None and inputs is not None:
+                    cause = cache.explain(place, self.stage, key, inputs)
+                if cause is None:
+                    cause = MissCause("new", "not in the cache" if key else "never cached (ADD of a URL)", {})
+        else:
+            cause = MissCause("parent", "a step before it runs", {})
+        self.solver.progress.cache_miss(self.current_step, cause)
+        self.solver.unplanned_stages.add(self.stage.index)
+        return step.state, "would-run"
 
     @staticmethod
     def _with_layer(state: StageState, created_by: str, layer: oci.Layer | None) -> StageState:
@@ -342,6 +388,8 @@ class StepContext:
         stage = self.solver.graph.stage_by_reference(reference or "", self.stage.index)
         if stage is not None:
             image = self.solver.stage_image(stage.index)
+            if stage.index in self.solver.unplanned_stages:
+                raise _StageRunsFirst(stage.label)
         elif (reference or "").isdigit():
             raise PybuildError(f"--from={reference}: there is no stage {reference} before this one", location)
         else:
@@ -360,10 +408,10 @@ class StepContext:
 
     # Images and sources
 
-    def base_state(self, reference: str, before: int, where: SourceRange | None = None) -> tuple[StageState, bool]:
-        """The stage's FROM, and whether it came from the cache (a directory's files; images always do)."""
+    def base_state(self, reference: str, before: int, where: SourceRange | None = None) -> tuple[StageState, str]:
+        """The stage's FROM, and how its step ended: "done", or for a directory's files as a filesystem step's."""
         if reference == "scratch":
-            return scratch_state(self.solver.created), False
+            return scratch_state(self.solver.created), "done"
         named = self.solver.options.named_contexts.get(reference)
         if named is not None and not named.startswith(IMAGE_CONTEXT_PREFIXES):
             if not Path(named).is_dir():
@@ -373,8 +421,10 @@ class StepContext:
             return self.filesystem_step(step, "from", f"FROM {reference}")
         stage = self.solver.graph.stage_by_reference(reference, before)
         image = self.solver.stage_image(stage.index) if stage else self.image(reference, where)
+        if stage is not None and stage.index in self.solver.unplanned_stages:
+            self.solver.unplanned_stages.add(self.stage.index)  # --dry-run: its base would be built first
         self.base_layers = tuple(layer.diff_id for layer in image.layers)
-        return StageState(image=replace(image, created=self.solver.created)), False
+        return StageState(image=replace(image, created=self.solver.created)), "done"
 
     def _directory_layer(self, op: DirectoryOp) -> oci.Layer | None:
         """FROM a named context that is a directory: its files are the image's root filesystem."""

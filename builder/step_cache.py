@@ -8,6 +8,7 @@ for damage: the cache may cost a rerun, never a wrong layer.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from cache.files import FileDigests
 from cache.index import LayerBlob, LayerBlobs, StepIndex, StepResult
 from cache.keys import MissCause, miss_cause
 from cache.records import BuildRecords
+from cache.transfer import CachedStep, CacheSource, write_cache
 from parser.errors import PybuildError
 
 
@@ -35,7 +37,9 @@ class Hit:
 
 class StepCache:
     def __init__(self, root: Path, *, identity: str, compression: str, no_cache: bool,
-                 no_cache_stages: frozenset[str], snapshots: Snapshots, blobs: BlobStore, progress: Progress) -> None:
+                 no_cache_stages: frozenset[str], snapshots: Snapshots, blobs: BlobStore, progress: Progress,
+                 sources: tuple[CacheSource, ...] = ()) -> None:
+        """``sources``: caches given with --cache-from, asked after the store's own index."""
         self.index = StepIndex(root)
         self.layer_blobs = LayerBlobs(root)
         self.file_digests = FileDigests(root)
@@ -48,7 +52,9 @@ class StepCache:
         self.blobs = blobs
         self.progress = progress
         self._previous: dict[str, Any] | None = None
+        self.sources = sources
         self._current: dict[str, Any] = {}
+        self._made: dict[str, tuple[int, str, Layer | None]] = {}  # place: stage index, key, layer
         self._lock = threading.Lock()
 
     def refused(self, stage: Stage) -> MissCause | None:
@@ -62,7 +68,10 @@ class StepCache:
     def lookup(self, key: str) -> Hit | None:
         result = self.index.get(key)
         if result is None:
+            result = self._from_sources(key)
+        if result is None:
             return None
+        self.index.touch(key)
         if result.diff_id is None:
             return Hit(None)
         diff_id = result.diff_id
@@ -86,6 +95,40 @@ class StepCache:
             return None
         return Hit(Layer(diff_id, blob.digest, blob.size, blob.media_type))
 
+    def peek(self, key: str) -> str | None | bool:
+        """--dry-run: the diff_id a hit would give (None: a step that changed nothing); False for a miss.
+
+        Nothing is unpacked or brought in: a layer whose files or blob are there would hit.
+        """
+        result = self.index.get(key)
+        if result is None:
+            step = next((source.steps[key] for source in self.sources if key in source.steps), None)
+            return False if step is None else step.diff_id
+        if result.diff_id is None:
+            return None
+        blob = self.layer_blobs.get(result.diff_id, self.media_type)
+        if self.snapshots.has(result.diff_id) or (blob is not None and self._blob_intact(blob)):
+            return result.diff_id
+        return False
+
+    def _from_sources(self, key: str) -> StepResult | None:
+        """A record of a --cache-from cache, its blob brought into the store and both recorded here."""
+        for source in self.sources:
+            step = source.steps.get(key)
+            if step is None:
+                continue
+            if step.diff_id is not None and step.blob is not None:
+                if not self.snapshots.has(step.diff_id) and not source.fetch(step.blob, self.blobs):
+                    self.progress.message(f"[warning] --cache-from {source.directory}: the blob of layer "
+                                          f"{step.diff_id} is missing or damaged there; the step runs")
+                    continue
+                if self.blobs.has(step.blob.digest):
+                    self.layer_blobs.put(step.diff_id, step.blob)
+            result = StepResult(step.diff_id)
+            self.index.put(key, result)
+            return result
+        return None
+
     def _blob_intact(self, blob: LayerBlob) -> bool:
         """A blob present at its recorded size (its digest is checked whenever it is read)."""
         try:
@@ -103,9 +146,26 @@ class StepCache:
     def _place(self, stage: Stage, place: str) -> str:
         return f"{stage.label}/{place}"
 
-    def remember(self, place: str, stage: Stage, key: str, inputs: dict[str, Any]) -> None:
+    def remember(self, place: str, stage: Stage, key: str, inputs: dict[str, Any], layer: Layer | None) -> None:
         with self._lock:
             self._current[self._place(stage, place)] = {"key": key, "inputs": inputs}
+            self._made[self._place(stage, place)] = (stage.index, key, layer)
+
+    def export(self, directory: Path, stages: set[int] | None, written: Callable[[Layer], Layer]) -> None:
+        """Write this build's steps (only those of ``stages``, unless None) as a cache directory.
+
+        ``written`` gives a layer with its blob in the store, writing the blob now when it is pending.
+        """
+        steps = []
+        for stage_index, key, layer in self._made.values():
+            if stages is not None and stage_index not in stages:
+                continue
+            if layer is None:
+                steps.append(CachedStep(key, None, None))
+                continue
+            stored = written(layer)
+            steps.append(CachedStep(key, stored.diff_id, LayerBlob(stored.digest, stored.size, stored.media_type)))
+        write_cache(directory, steps, self.blobs)
 
     def explain(self, place: str, stage: Stage, key: str | None, inputs: dict[str, Any]) -> MissCause | None:
         """Why a step runs that the previous build of this Dockerfile and target had cached; None if it had not."""

@@ -26,6 +26,8 @@ class ImageStoreLike(Protocol):
 
 class SnapshotsLike(Protocol):
     def remove_unused(self, used: Collection[str]) -> tuple[int, int]: ...
+    def has(self, diff_id: str) -> bool: ...
+    def size(self, diff_id: str) -> int: ...
 
 
 @dataclass
@@ -48,9 +50,60 @@ def cached_layers(cache_root: Path) -> tuple[set[str], set[str]]:
     return diff_ids, digests
 
 
+@dataclass
+class CacheUsage:
+    """Bytes the cache alone keeps (unpacked layers and blobs no image uses), per step entry, oldest first."""
+
+    entries: list[tuple[str, float, int]]  # key, last use, bytes only that entry's layer keeps (shared: once)
+    total: int
+
+
+def cache_usage(images: ImageStoreLike, snapshots: SnapshotsLike, blob_size, cache_root: Path) -> CacheUsage:
+    """What evicting each entry, oldest first, would free: its layer's snapshot and blobs unless an image or
+    a newer entry keeps them. ``blob_size`` gives a blob's size (0 when absent)."""
+    index, layer_blobs = StepIndex(cache_root), LayerBlobs(cache_root)
+    used_by_images = {layer.diff_id for stored in images.list() for layer in stored.image.layers}
+    newest_first = sorted(((key, index.last_used(key)) for key in index.stored_keys()), key=lambda item: -item[1])
+    counted: set[str] = set()
+    entries = []
+    for key, last_used in newest_first:
+        result = index.get(key)
+        size = 0
+        diff_id = result.diff_id if result else None
+        if diff_id and diff_id not in used_by_images and diff_id not in counted:
+            counted.add(diff_id)
+            size = (snapshots.size(diff_id) if snapshots.has(diff_id) else 0) + sum(
+                blob_size(blob.digest) for blob in layer_blobs.all_of(diff_id))
+        entries.append((key, last_used, size))
+    entries.reverse()  # a layer shared by several entries is counted with the newest, which goes last
+    return CacheUsage(entries, sum(size for _, _, size in entries))
+
+
+def evict(images: ImageStoreLike, snapshots: SnapshotsLike, blob_size, cache_root: Path, *,
+          keep_bytes: int | None = None, unused_for: float | None = None) -> int:
+    """Forget the least recently used step entries: those unused for ``unused_for`` seconds, then more until
+    what the cache alone keeps is at most ``keep_bytes``. Returns how many went; ``free_unused`` frees."""
+    import time
+
+    usage = cache_usage(images, snapshots, blob_size, cache_root)
+    index, total, removed = StepIndex(cache_root), usage.total, 0
+    now = time.time()
+    for key, last_used, size in usage.entries:
+        old = unused_for is not None and now - last_used >= unused_for
+        over = keep_bytes is not None and total > keep_bytes and size > 0  # forgetting it must free something
+        if not (old or over):
+            continue
+        index.forget(key)
+        total -= size
+        removed += 1
+    return removed
+
+
 def free_unused(images: ImageStoreLike, snapshots: SnapshotsLike, cache_root: Path, *,
-                unnamed_images: bool = False, drop_cache: bool = False) -> Freed:
-    """Remove what neither a stored image nor (unless ``drop_cache``) the step cache uses.
+                unnamed_images: bool = False, drop_cache: bool = False, drop_mounts: bool = False,
+                evicted: int = 0) -> Freed:
+    """Remove what neither a stored image nor (unless ``drop_cache``) the step cache uses; with ``drop_mounts``,
+    the cache mounts' directories too. ``evicted``: entries the caller already forgot, to report them.
 
     With ``unnamed_images``, images without a name (built without -t) go first, as `docker image prune`
     removes dangling images.
@@ -58,11 +111,12 @@ def free_unused(images: ImageStoreLike, snapshots: SnapshotsLike, cache_root: Pa
     unnamed = tuple(stored.image_id for stored in images.list() if not stored.names) if unnamed_images else ()
     for image_id in unnamed:
         images.remove(image_id)
-    dropped = 0
+    dropped = evicted
     mount_bytes = 0
     if drop_cache:
-        dropped = StepIndex(cache_root).remove_all()
+        dropped += StepIndex(cache_root).remove_all()
         BuildRecords(cache_root).remove_all()
+    if drop_mounts:
         removed_mounts, mount_bytes = CacheMounts(cache_root / "mounts").remove_all()
         dropped += removed_mounts
     kept_layers, kept_blobs = cached_layers(cache_root)

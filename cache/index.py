@@ -96,6 +96,17 @@ class StepIndex:
     def put(self, key: str, result: StepResult) -> None:
         write_record(self._path(key), {"diff_id": result.diff_id})
 
+    def touch(self, key: str) -> None:
+        """Mark a record used now: eviction goes by last use (the record file's mtime)."""
+        with contextlib.suppress(OSError):
+            os.utime(self._path(key))
+
+    def last_used(self, key: str) -> float:
+        try:
+            return self._path(key).stat().st_mtime
+        except OSError:
+            return 0.0
+
     def forget(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(key))

@@ -280,7 +280,10 @@ class ImageStore:
                 if not self.blobs.has(layer.digest):
                     raise PybuildError(f"layer {layer.digest} of the image is not in the blob store "
                                        f"{self.blobs.blob_dir}")
-            self._write_index(retag(self.entries(), descriptor, normalized))
+            entries = self.entries()
+            retagged = retag(entries, descriptor, normalized)
+            if retagged != entries:  # a rebuild of the same image under the same names changes nothing
+                self._write_index(retagged)
         return _plain(descriptor)
 
     def _load(self, manifest: Descriptor, names: tuple[str, ...], source: str | None = None) -> StoredImage:

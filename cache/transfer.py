@@ -1,0 +1,177 @@
+"""A build cache as files: ``--cache-to type=local,dest=DIR`` writes one, ``--cache-from type=local,src=DIR`` reads it.
+
+DIR is an OCI image layout, so it travels as any directory does (rsync, a CI artifact) and registry
+tools can copy it. Its index names one manifest (``org.opencontainers.image.ref.name`` = ``pybuild-cache``)
+whose config blob lists the step records (key -> diff_id, or none for a step that changed nothing)
+and whose layers are the blobs of those diff_ids, each annotated with its diff_id.
+
+Reading is lazy: the records are loaded at the start; a blob is copied into the store, its digest
+checked, only when a step hits on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cache.blobs import BlobStore
+from cache.index import LayerBlob
+from parser.errors import PybuildError
+
+CACHE_CONFIG_TYPE = "application/vnd.pybuild.cache.config.v1+json"
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+REF_NAME = "org.opencontainers.image.ref.name"
+DIFF_ID_ANNOTATION = "dev.pybuild.diff-id"
+CACHE_NAME = "pybuild-cache"
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_HEX = re.compile(r"[0-9a-f]{64}")
+_MAX_JSON = 64 << 20
+
+
+@dataclass
+class CachedStep:
+    """One step record of an exported cache, with the layer blob it names."""
+
+    key: str
+    diff_id: str | None
+    blob: LayerBlob | None
+
+
+class CacheSource:
+    """The records of a cache directory, and its blobs brought into the store when a hit needs them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.steps: dict[str, CachedStep] = {}
+        self._read()
+
+    def _json(self, path: Path, what: str) -> Any:
+        try:
+            if path.stat().st_size > _MAX_JSON:
+                raise PybuildError(f"--cache-from {self.directory}: {what} is too large")
+            return json.loads(path.read_bytes())
+        except FileNotFoundError:
+            raise PybuildError(f"--cache-from {self.directory}: {what} is missing",
+                               hint="name a directory --cache-to type=local,dest=... wrote") from None
+        except (OSError, ValueError) as exc:
+            raise PybuildError(f"--cache-from {self.directory}: cannot read {what}: {exc}") from None
+
+    def _blob_path(self, digest: str) -> Path:
+        return self.directory / "blobs" / "sha256" / digest.removeprefix("sha256:")
+
+    def _read(self) -> None:
+        if not self.directory.is_dir():
+            raise PybuildError(f"--cache-from type=local,src={self.directory}: no such directory")
+        index = self._json(self.directory / "index.json", "index.json")
+        manifests = index.get("manifests") if isinstance(index, dict) else None
+        entry = next((item for item in manifests or [] if isinstance(item, dict)
+                      and (item.get("annotations") or {}).get(REF_NAME) == CACHE_NAME), None)
+        if entry is None or not _DIGEST.fullmatch(str(entry.get("digest"))):
+            raise PybuildError(f"--cache-from {self.directory}: the layout holds no pybuild cache")
+        manifest = self._json(self._blob_path(entry["digest"]), "the cache manifest")
+        config = manifest.get("config") if isinstance(manifest, dict) else None
+        if not isinstance(config, dict) or config.get("mediaType") != CACHE_CONFIG_TYPE:
+            raise PybuildError(f"--cache-from {self.directory}: the cache manifest has no pybuild cache config")
+        records = self._json(self._blob_path(str(config.get("digest"))), "the cache config")
+        blobs: dict[str, LayerBlob] = {}
+        for layer in manifest.get("layers") or []:
+            diff_id = (layer.get("annotations") or {}).get(DIFF_ID_ANNOTATION) if isinstance(layer, dict) else None
+            if (isinstance(diff_id, str) and _DIGEST.fullmatch(diff_id) and _DIGEST.fullmatch(str(layer.get("digest")))
+                    and isinstance(layer.get("size"), int)):
+                blobs[diff_id] = LayerBlob(layer["digest"], layer["size"], str(layer.get("mediaType")))
+        for record in (records.get("steps") if isinstance(records, dict) else None) or []:
+            if not isinstance(record, dict) or not _HEX.fullmatch(str(record.get("key"))):
+                continue
+            diff_id = record.get("diff_id")
+            if diff_id is None:
+                self.steps[record["key"]] = CachedStep(record["key"], None, None)
+            elif isinstance(diff_id, str) and diff_id in blobs:
+                self.steps[record["key"]] = CachedStep(record["key"], diff_id, blobs[diff_id])
+
+    def fetch(self, blob: LayerBlob, store: BlobStore) -> bool:
+        """Copy a blob into ``store``, its digest checked; False when it is missing or damaged here."""
+        if store.has(blob.digest):
+            return True
+        try:
+            with open(self._blob_path(blob.digest), "rb") as source, store.writer(expect=blob.digest) as out:
+                shutil.copyfileobj(source, out.file, 1 << 20)
+        except (OSError, PybuildError):
+            return False
+        return True
+
+
+def write_cache(directory: Path, steps: Iterable[CachedStep], blobs: BlobStore) -> None:
+    """Write ``steps`` and their layer blobs as an OCI layout at ``directory``, replacing a cache there.
+
+    Blobs go in first and index.json last, each file renamed into place, so a reader never sees an index
+    naming what is not there yet; an existing cache's blobs are kept (a later run may share them).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    blob_dir = directory / "blobs" / "sha256"
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    records, layers, seen = [], [], set()
+    for step in steps:
+        records.append({"key": step.key, "diff_id": step.diff_id})
+        if step.blob is not None and step.blob.digest not in seen:
+            seen.add(step.blob.digest)
+            _copy_blob(blobs.path(step.blob.digest), blob_dir / step.blob.digest.removeprefix("sha256:"))
+            layers.append({"mediaType": step.blob.media_type, "digest": step.blob.digest, "size": step.blob.size,
+                           "annotations": {DIFF_ID_ANNOTATION: step.diff_id}})
+    config = _put_json(blob_dir, {"steps": sorted(records, key=lambda record: record["key"])})
+    manifest = _put_json(blob_dir, {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+                                    "config": {"mediaType": CACHE_CONFIG_TYPE, **config}, "layers": layers})
+    _write_file(directory / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+    index = {"schemaVersion": 2, "mediaType": INDEX_TYPE,
+             "manifests": [{"mediaType": MANIFEST_TYPE, **manifest, "annotations": {REF_NAME: CACHE_NAME}}]}
+    _write_file(directory / "index.json", json.dumps(index, indent=2).encode())
+
+
+def _put_json(blob_dir: Path, value: Any) -> dict[str, Any]:
+    import hashlib
+
+    data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    _write_file(blob_dir / digest.removeprefix("sha256:"), data)
+    return {"digest": digest, "size": len(data)}
+
+
+def _copy_blob(source: Path, target: Path) -> None:
+    if target.exists():
+        return
+    handle, name = tempfile.mkstemp(prefix=".blob-", dir=target.parent)
+    os.close(handle)
+    try:
+        try:
+            os.link(source, target)  # same filesystem: no copy at all
+            os.unlink(name)
+            return
+        except OSError:
+            shutil.copyfile(source, name)
+        os.chmod(name, 0o644)
+        os.replace(name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    handle, name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.chmod(name, 0o644)
+        os.replace(name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name)
+        raise
