@@ -9,6 +9,7 @@ wrong result): the files a COPY reads are taken with whole directories, before `
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -54,12 +55,27 @@ class TreeDigests:
     its content or link target, the path it is a hard link of, and its time where the layer keeps one.
     """
 
-    def __init__(self, files: FileDigests, epoch: int) -> None:
+    def __init__(self, files: FileDigests, epoch: int, *, xattrs: bool = False) -> None:
+        """``xattrs``: the copy keeps extended attributes (from a stage or image, not from the context)."""
         self.files = files
         self.epoch = epoch
+        self.xattrs = xattrs
 
     def _entry(self, path: str, st: os.stat_result, chmod: bool, links: dict[tuple[int, int], str],
                rel: str) -> str:
+        text = self._kept(path, st, chmod, links, rel)
+        if self.xattrs and not stat.S_ISLNK(st.st_mode):
+            try:
+                names = sorted(os.listxattr(path, follow_symlinks=False))
+            except OSError:
+                names = []
+            for name in names:
+                with contextlib.suppress(OSError):
+                    text += f":x{name}={hashlib.sha256(os.getxattr(path, name, follow_symlinks=False)).hexdigest()}"
+        return text
+
+    def _kept(self, path: str, st: os.stat_result, chmod: bool, links: dict[tuple[int, int], str],
+              rel: str) -> str:
         mode = "" if chmod else format(stat.S_IMODE(st.st_mode), "o")
         kept_time = f":{min(st.st_mtime_ns // 1_000_000_000, self.epoch)}" if self.epoch else ""
         kind = stat.S_IFMT(st.st_mode)

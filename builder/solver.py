@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -84,6 +84,20 @@ class BuildOptions:
 
 def epoch_timestamp(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+@dataclass
+class _ReadOnce:
+    """File digests for a tree seen once (a mounted image under a scratch path): nothing to remember."""
+
+    read: Callable[[str], str]
+
+    def digest(self, path: str, st: os.stat_result) -> str:
+        return self.read(path)
+
+
+class _StageStopped(PybuildError):
+    """A stage ended early because another stage failed; that other failure is what the build reports."""
 
 
 class _StageRunsFirst(Exception):
@@ -165,6 +179,12 @@ class Solver:
             for spec in self.options.cache_to:
                 stages = None if spec.get("mode") == "max" else self.exported_stages
                 self.cache.export(Path(spec["dest"]), stages, self.pending_layers.written)
+        except _StageStopped:
+            # The target stopped because another stage failed: that stage's own error is the one to tell.
+            self.failed.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            self.pending_layers.close(wait=False)
+            raise self._first_failure() from None
         except BaseException:
             # Do not wait for other stages' running steps: the CLI exits, and their sandboxes die with it.
             self.failed.set()
@@ -177,6 +197,17 @@ class Solver:
         pool.shutdown(wait=True)
         self.pending_layers.close()
         return image
+
+    def _first_failure(self) -> BaseException:
+        """The error of a stage that failed on its own (not merely stopped because another did)."""
+        others = [future for index, future in self.futures.items() if index != self.graph.target]
+        wait(others, timeout=5, return_when=FIRST_EXCEPTION)  # the failing stage may be just ending
+        for future in self.futures.values():
+            if future.done() and not future.cancelled():
+                error = future.exception()
+                if error is not None and not isinstance(error, _StageStopped):
+                    return error
+        return PybuildError("a stage failed")
 
     def stage_image(self, index: int) -> oci.Image:
         future = self.futures.get(index)
@@ -214,7 +245,7 @@ class Solver:
                                      f"onbuild-{position}")
         for position, instruction in enumerate(stage.instructions, start=2):
             if self.failed.is_set():
-                raise PybuildError(f"stage {stage.label} stopped because another stage failed")
+                raise _StageStopped(f"stage {stage.label} stopped because another stage failed")
             state = ctx.step(state, instruction, f"[{stage.label} {position}/{total}] {describe(instruction)}",
                              str(position))
         return state.image
@@ -266,8 +297,14 @@ class StepContext:
         independent = isinstance(step.op, CopyOp) and step.op.copy.link
         lowers = () if independent else tuple(layer.diff_id for layer in state.image.layers)
         refused = cache.refused(self.stage)
+        content_key = None
         if key is not None and refused is None:
             hit = cache.lookup(key)
+            if hit is None:
+                content_key = self._content_key(step, inputs)
+                hit = None if content_key is None else cache.lookup(content_key)
+                if hit is not None:  # what it copies is as before although the stage it comes from changed
+                    cache.store(key, hit.layer)
             if hit is not None:
                 if hit.snapshot is not None and hit.layer is not None:  # its blob is written only if needed
                     below = None if independent else [self.solver.snapshots.path(diff_id) for diff_id in lowers]
@@ -282,6 +319,8 @@ class StepContext:
         layer = self.execute(state, step.op, independent)
         if key is not None:
             cache.store(key, layer)
+            if content_key is not None:
+                cache.store(content_key, layer)
             cache.remember(place, self.stage, key, inputs, layer)
         return self._with_layer(state, step.created_by, layer), "done"
 
@@ -293,7 +332,7 @@ class StepContext:
             try:
                 inputs = self.key_inputs(step, text)
             except _StageRunsFirst as exc:
-                cause = MissCause("parent", f"stage {exc.args[0]} runs first", {})
+                cause = MissCause("parent", exc.args[0], {})
             else:
                 key = None if inputs is None else step_key(inputs)
                 cause = cache.refused(self.stage)
@@ -385,16 +424,36 @@ class StepContext:
 
     def _source_layers(self, reference: str | None, location) -> list[str]:
         """The layers of the stage or image a source reads (``--from``), by diff_id."""
+        return [layer.diff_id for layer in self._source_image(reference, location).layers]
+
+    def _source_image(self, reference: str | None, location) -> oci.Image:
         stage = self.solver.graph.stage_by_reference(reference or "", self.stage.index)
         if stage is not None:
             image = self.solver.stage_image(stage.index)
             if stage.index in self.solver.unplanned_stages:
-                raise _StageRunsFirst(stage.label)
-        elif (reference or "").isdigit():
+                raise _StageRunsFirst(f"stage {stage.label} runs first")
+            return image
+        if (reference or "").isdigit():
             raise PybuildError(f"--from={reference}: there is no stage {reference} before this one", location)
-        else:
-            image = self.image(reference or "", None)
-        return [layer.diff_id for layer in image.layers]
+        return self.image(reference or "", None)
+
+    def _content_key(self, step: FilesystemStep, inputs: dict) -> str | None:
+        """A second key for ``COPY --from`` a stage or image: by the content of what it copies, not by that
+        image's layers. A stage that ran again and made other layers but the same files still lets it hit."""
+        from builder.fs.context import SourceTree
+        from builder.keys import TreeDigests
+        from cache.files import sha256_file
+
+        op = step.op
+        if not (isinstance(op, CopyOp) and "from" in inputs["sources"]):
+            return None
+        files: dict[str, str] = {}
+        image = self._source_image(op.copy.from_ if isinstance(op.copy, Copy) else None, op.location)
+        with self.mounted_image(image) as root:
+            digests = TreeDigests(_ReadOnce(sha256_file), self.solver.options.source_date_epoch, xattrs=True)
+            digests.sources(SourceTree(root), op, files, "from:")
+        sources = {name: value for name, value in inputs["sources"].items() if name != "from"}
+        return step_key({**inputs, "files": {**inputs["files"], **files}, "sources": {**sources, "from": "content"}})
 
     def execute(self, state: StageState, op: FilesystemOp, independent: bool) -> oci.Layer | None:
         """Carry out a filesystem step: the layer it made, or None when it changed no file."""
@@ -420,7 +479,12 @@ class StepContext:
                                   f"FROM {reference} (the directory {named})")
             return self.filesystem_step(step, "from", f"FROM {reference}")
         stage = self.solver.graph.stage_by_reference(reference, before)
-        image = self.solver.stage_image(stage.index) if stage else self.image(reference, where)
+        try:
+            image = self.solver.stage_image(stage.index) if stage else self.image(reference, where)
+        except _StageRunsFirst as exc:  # --dry-run of FROM an archive or layout: read only when the build runs
+            self.solver.unplanned_stages.add(self.stage.index)
+            self.solver.progress.cache_miss(self.current_step, MissCause("base", exc.args[0], {}))
+            return scratch_state(self.solver.created), "would-run"
         if stage is not None and stage.index in self.solver.unplanned_stages:
             self.solver.unplanned_stages.add(self.stage.index)  # --dry-run: its base would be built first
         self.base_layers = tuple(layer.diff_id for layer in image.layers)
@@ -442,6 +506,10 @@ class StepContext:
         named = self.solver.options.named_contexts.get(reference)
         if named is not None:
             reference = named.removeprefix("docker-image://")
+        dry_run = self.solver.options.dry_run
+        if dry_run and reference.startswith(("oci-archive:", "oci-layout:")):
+            # reading it would bring its blobs into the store
+            raise _StageRunsFirst(f"{reference} is read when the build runs")
         try:
             if reference.startswith("oci-archive:"):
                 image = store.read_image_from_archive(Path(reference.removeprefix("oci-archive:")))
@@ -449,7 +517,8 @@ class StepContext:
                 image = store.read_image_from_layout(reference.removeprefix("oci-layout:"))
             else:
                 image = store.resolve(reference).image
-            unpack_layers(self.solver.snapshots, self.solver.blobs, image)
+            if not dry_run:
+                unpack_layers(self.solver.snapshots, self.solver.blobs, image)
         except PybuildError as exc:
             raise PybuildError(exc.message, where, hint=exc.hint) from None
         os_name, arch, _ = host_platform()

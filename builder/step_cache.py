@@ -102,8 +102,12 @@ class StepCache:
         """
         result = self.index.get(key)
         if result is None:
-            step = next((source.steps[key] for source in self.sources if key in source.steps), None)
-            return False if step is None else step.diff_id
+            for source in self.sources:
+                step = source.steps.get(key)
+                if step is not None and (step.blob is None or self.snapshots.has(step.diff_id or "")
+                                         or source.has(step.blob)):
+                    return step.diff_id
+            return False
         if result.diff_id is None:
             return None
         blob = self.layer_blobs.get(result.diff_id, self.media_type)
@@ -177,7 +181,10 @@ class StepCache:
             return None
         if previous.get("key") == key:
             return MissCause("removed", "its cached result was removed", {})
-        return miss_cause(previous["inputs"], inputs)
+        try:
+            return miss_cause(previous["inputs"], inputs)
+        except (TypeError, AttributeError, ValueError):  # a record of another shape: no explanation, no failure
+            return None
 
     def finish(self) -> None:
         """The build succeeded: its steps become what the next build of the same target compares with."""

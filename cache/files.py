@@ -43,8 +43,9 @@ class FileDigests:
                 value = marshal.load(file)
         except (OSError, EOFError, ValueError, TypeError):
             return
-        if isinstance(value, dict):
-            self.known = value
+        if isinstance(value, dict):  # entries of another shape (another version, a damaged file) are dropped
+            self.known = {path: entry for path, entry in value.items() if isinstance(path, str)
+                          and type(entry) is tuple and len(entry) == 5 and isinstance(entry[4], str)}
 
     def digest(self, path: str, st: os.stat_result) -> str:
         """The sha256 (hex) of the regular file at ``path`` whose lstat is ``st``."""

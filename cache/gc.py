@@ -8,6 +8,9 @@ build is running and no grace period is needed for blobs a build has written but
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +102,34 @@ def evict(images: ImageStoreLike, snapshots: SnapshotsLike, blob_size, cache_roo
     return removed
 
 
+_TEMP = re.compile(r"\.(?:record|file-digests|parsed)-([0-9]+)-")
+
+
+def sweep_temp_files(cache_root: Path) -> int:
+    """Remove the temp files that killed processes left beside the cache's records (named with their pid)."""
+    removed = 0
+    for directory, _, names in os.walk(cache_root):
+        if directory.startswith(str(cache_root / "mounts")):
+            continue  # the mounts sweep their own
+        for name in names:
+            match = _TEMP.match(name)
+            if match and not _alive(int(match.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, name))
+                    removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def free_unused(images: ImageStoreLike, snapshots: SnapshotsLike, cache_root: Path, *,
                 unnamed_images: bool = False, drop_cache: bool = False, drop_mounts: bool = False,
                 evicted: int = 0) -> Freed:
@@ -108,6 +139,7 @@ def free_unused(images: ImageStoreLike, snapshots: SnapshotsLike, cache_root: Pa
     With ``unnamed_images``, images without a name (built without -t) go first, as `docker image prune`
     removes dangling images.
     """
+    sweep_temp_files(cache_root)
     unnamed = tuple(stored.image_id for stored in images.list() if not stored.names) if unnamed_images else ()
     for image_id in unnamed:
         images.remove(image_id)

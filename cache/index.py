@@ -84,7 +84,7 @@ class StepIndex:
         value = self.read(key)
         if value is None:
             return None
-        diff_id = value.get("diff_id") if isinstance(value, dict) else ""
+        diff_id = value.get("diff_id", "") if isinstance(value, dict) else ""
         if diff_id is not None and not (isinstance(diff_id, str) and _DIGEST.fullmatch(diff_id)):
             self.forget(key)
             return None

@@ -30,11 +30,13 @@ def parsed(source: bytes, filename: str, root: Path) -> Dockerfile:
     """``parse(source, filename)``, from ``ROOT/parsed`` when these bytes were parsed before."""
     key = hashlib.sha256(_parser_stamp() + b"\0" + filename.encode("utf-8", "surrogateescape") + b"\0" + source)
     path = root / "parsed" / key.hexdigest()
-    with contextlib.suppress(OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
+    try:
         with open(path, "rb") as file:
             found = pickle.load(file)
         if isinstance(found, Dockerfile):
             return found
+    except Exception:  # absent, damaged or from another version: any failure means parsing again
+        pass
     dockerfile = parse(source, filename)  # a syntax error raises here, and nothing is remembered
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,13 @@ class CacheSource:
             elif isinstance(diff_id, str) and diff_id in blobs:
                 self.steps[record["key"]] = CachedStep(record["key"], diff_id, blobs[diff_id])
 
+    def has(self, blob: LayerBlob) -> bool:
+        """Whether the directory still holds the blob, at its size (its digest is checked when fetched)."""
+        try:
+            return self._blob_path(blob.digest).stat().st_size == blob.size
+        except OSError:
+            return False
+
     def fetch(self, blob: LayerBlob, store: BlobStore) -> bool:
         """Copy a blob into ``store``, its digest checked; False when it is missing or damaged here."""
         if store.has(blob.digest):
