@@ -54,7 +54,8 @@ class StepView:
     name: str
     started: float
     finished: float | None = None
-    state: str = "running"  # running | done | cached | error
+    state: str = "running"  # running | done | cached | would-run | error
+    note: str = ""  # why it runs although the previous build had it cached
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     partial: bytes = b""
 
@@ -228,6 +229,8 @@ class TerminalProgress(Progress):
             tail = f"{seconds:5.1f}s{state}"
             head = fit(f" => {step.name}", width - len(tail) - 1)
             lines.append(fit(head + " " * (width - 1 - len(tail) - sum(map(_cells, head))) + tail, width))
+            if step.note:
+                lines.append(fit(f" => # cache miss: {step.note}", width))
             if step.state in ("running", "error"):
                 lines.extend(fit(f" => > {text}", width) for text in step.tail)
         out = "\x1b[1A\x1b[2K" * self.drawn + "\r" + "\n".join(line + "\x1b[K" for line in lines) + "\n"
@@ -237,6 +240,10 @@ class TerminalProgress(Progress):
         self.last_draw = now
 
     def _started(self, step: StepView) -> None:
+        self._draw()
+
+    def _cache_miss(self, step: StepView, cause: MissCause) -> None:
+        step.note = cause.text
         self._draw()
 
     def _finished(self, step: StepView) -> None:

@@ -93,3 +93,28 @@ def test_terminal_view_never_draws_a_row_wider_than_the_terminal(monkeypatch: py
     live = [row for row in rows if not row.startswith((" => image", " => manifest"))]
     assert live and all(len(row) < 40 for row in live), live
     assert rows[-2:] == [" => image sha256:" + "1" * 64, " => manifest sha256:" + "2" * 64]
+
+
+@pytest.mark.parametrize("make", [PlainProgress, JsonProgress, TerminalProgress])
+def test_every_view_shows_a_cached_step_and_a_miss_with_its_cause(make) -> None:
+    from cache.keys import MissCause
+
+    stream = io.StringIO()
+    progress = make(stream)
+    hit = progress.step_started("[stage-0 2/3] COPY a /a")
+    progress.step_finished(hit, "cached")
+    miss = progress.step_started("[stage-0 3/3] RUN make")
+    progress.cache_miss(miss, MissCause("file", "file a changed", {"path": "a"}))
+    progress.step_finished(miss)
+    progress.close()
+    text = stream.getvalue()
+    if make is PlainProgress:
+        assert text.splitlines()[:4] == ["#1 [stage-0 2/3] COPY a /a", "#1 CACHED", "#2 [stage-0 3/3] RUN make",
+                                         "#2 cache miss: file a changed"]
+    elif make is JsonProgress:
+        events = [json.loads(line) for line in text.splitlines()]
+        assert events[1]["status"] == "cached"
+        assert {key: events[3][key] for key in ("event", "step", "hit", "cause", "text", "path")} == {
+            "event": "cache", "step": 2, "hit": False, "cause": "file", "text": "file a changed", "path": "a"}
+    else:
+        assert "CACHED" in text and " => # cache miss: file a changed" in text
