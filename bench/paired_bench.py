@@ -1,4 +1,4 @@
-"""Cold builds of one case by pybuild and Docker's BuildKit, taken in pairs, so both see the same moment.
+"""Builds of one case by pybuild and Docker's BuildKit, taken in pairs, so both see the same moment.
 
 On a shared machine the speed drifts by tens of percent within a minute; a whole series of one builder
 and then of the other compares two different machines. Here each round cleans both, builds with one and
@@ -6,6 +6,7 @@ then with the other (the order alternating), and reports the median of the per-r
 each builder's own median.
 
     DOCKER_HOST=unix:///path/docker.sock .venv/bin/python bench/paired_bench.py trivial --rounds 15
+    DOCKER_HOST=... .venv/bin/python bench/paired_bench.py b-srcrepo --phase warm   # rebuilds, nothing changed
 
 Needs the peer benchmark's contexts and base image (run bench/peer_bench.sh once; it makes them) and
 a Docker daemon with BuildKit (the same the peer benchmark starts). Cleaning is as there: pybuild's store
@@ -45,6 +46,9 @@ def main() -> None:
     parser.add_argument("--state", type=Path, default=Path(os.environ.get("BENCH_STATE", "/tmp/peer-bench")),
                         help="the peer benchmark's state dir (contexts, fixtures)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait after cleaning")
+    parser.add_argument("--phase", choices=["cold", "warm"], default="cold",
+                        help="cold: each build on a cleaned builder; warm: each builder cleaned and built once, "
+                        "then every round rebuilds with nothing changed")
     parser.add_argument("--pybuild", help="the pybuild program (default: this checkout installed into the state dir "
                         "by bench/install_pybuild.sh, as `pip install .` installs it)")
     parser.add_argument("--docker", default="/usr/bin/docker")
@@ -84,17 +88,23 @@ def main() -> None:
                                     str(context / "Dockerfile"), str(context)]),
     }
     times: dict[str, list[float]] = {name: [] for name in builds}
+    if args.phase == "warm":
+        for clean, argv in builds.values():
+            clean()
+            run(argv, env)
+            run(argv, env)  # a first rebuild settles what the first build left (caches, page cache)
     for number in range(args.rounds):
         order = list(builds) if number % 2 == 0 else list(reversed(builds))
         for name in order:
             clean, argv = builds[name]
-            clean()
-            os.sync()
-            time.sleep(args.settle)
+            if args.phase == "cold":
+                clean()
+                os.sync()
+                time.sleep(args.settle)
             times[name].append(timed(argv, env))
         print(f"round {number + 1}: " + "  ".join(f"{name} {times[name][-1]:.3f}" for name in builds), flush=True)
     ratios = [mine / theirs for mine, theirs in zip(times["pybuild"], times["buildkit"], strict=True)]
-    print(f"\n{args.case}, {args.rounds} rounds, seconds (median, min..max):")
+    print(f"\n{args.case}, {args.phase}, {args.rounds} rounds, seconds (median, min..max):")
     for name, values in times.items():
         print(f"  {name:9s} {statistics.median(values):.3f}  {min(values):.3f}..{max(values):.3f}")
     print(f"  pybuild / buildkit, median of the per-round ratios: {statistics.median(ratios):.2f} "

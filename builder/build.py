@@ -12,6 +12,7 @@ from builder.graph import build_graph, host_platform
 from builder.oci.image import config_json, sha256_digest
 from builder.oci.store import atomic_file
 from builder.progress import make_progress
+from builder.rebuild import RebuildOptions
 from builder.sandbox.parent import Interpreter
 from builder.solver import BuildOptions, SecretSource, Solver
 from cache.leases import shared_lease
@@ -44,6 +45,7 @@ class BuildRequest:
     cache_from: tuple[Mapping[str, str], ...] = ()
     cache_to: tuple[Mapping[str, str], ...] = ()
     dry_run: bool = False
+    rebuild: RebuildOptions | None = None  # set where a rebuild with nothing changed may skip the builder
 
 
 @dataclass
@@ -117,10 +119,33 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                     metadata["image.name"] = ",".join(names)
                 _write_text(request.metadata_file, json.dumps(metadata, indent=2))
             progress.result(image_id, manifest.digest, names)
+            if request.rebuild is not None and not solver.cache.unrecorded_inputs:
+                _remember_for_rebuild(root, request, solver, progress, image, image_id, manifest.digest, names)
         finally:
             progress.close()
     keep_cache_in_bounds(root)
     return BuildResult(image_id, manifest.digest, names)
+
+
+def _remember_for_rebuild(root: Path, request: BuildRequest, solver: Solver, progress, image, image_id: str,
+                          manifest: str, names: tuple[str, ...]) -> None:
+    """What ``builder.rebuild.fast_rebuild`` needs to give this image again while nothing it read changes."""
+    from builder.fs.context import ignore_file_for
+    from builder.rebuild import record
+    from cache.records import BuildRecords
+
+    assert request.rebuild is not None
+    dockerfile = Path(request.rebuild.dockerfile_path)
+    entries = set(solver.cache.read_paths) | {str(request.context), str(dockerfile), str(dockerfile.parent)}
+    ignore = ignore_file_for(request.context, request.dockerfile_path)
+    if ignore is not None:
+        entries.add(str(ignore))
+    steps = [(step.name, "cached" if step.number in solver.cache.filesystem_steps else "done")
+             for step in progress.steps]
+    identity = BuildRecords.identity(request.rebuild.dockerfile_path, request.target or "")
+    record(root, identity, request.rebuild, entries, solver.cache.used_keys(), steps,
+           {"image_id": image_id, "manifest": manifest, "names": list(names)},
+           [(layer.diff_id, layer.digest, layer.size) for layer in image.layers])
 
 
 CACHE_LIMIT_ENV = "PYBUILD_CACHE_LIMIT"

@@ -270,7 +270,23 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     for path, what in ((iidfile, "--iidfile"), (metadata_file, "--metadata-file")):
         if path is not None:
             _check_writable(path, what)
-    interpreter = None if dry_run else _start_sandbox_early(source)
+    dockerfile_path = None if file == "-" else Path(name).resolve()
+    rebuild = None
+    if not (dry_run or no_cache or no_cache_filter or parsed_outputs or cache_sources or cache_targets or iidfile
+            or metadata_file or build_contexts or secrets or dockerfile_path is None):
+        from builder.rebuild import RebuildOptions, fast_rebuild
+        from cache.records import BuildRecords
+
+        rebuild = RebuildOptions(
+            dockerfile=source, dockerfile_path=str(dockerfile_path), context=str(context.resolve()),
+            target=target or "", build_args=_key_values(build_args, "--build-arg"), network=network,
+            secret_ids=[_options(text, "--secret").get("id", "") for text in secrets],
+            compression=compression or "zstd", platform=platform or "", tags=tags)
+        identity = BuildRecords.identity(str(dockerfile_path), target or "")
+        if fast_rebuild(root, identity, rebuild, "quiet" if quiet else progress):
+            return
+    interpreter = None if dry_run or _built_before(root, dockerfile_path, context, target) else (
+        _start_sandbox_early(source))
     try:
         from builder.build import BuildRequest, run_build
         from cache.parsed import parsed
@@ -282,7 +298,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
             compression = "gzip" if any(output["type"] == "docker" for output in parsed_outputs) else "zstd"
         request = BuildRequest(
             dockerfile=dockerfile,
-            dockerfile_path=None if file == "-" else Path(name).resolve(),
+            dockerfile_path=dockerfile_path,
             context=context.resolve(),
             tags=tags,
             build_args=_key_values(build_args, "--build-arg"),
@@ -300,6 +316,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
             no_cache=no_cache,
             cache_from=cache_sources,
             dry_run=dry_run,
+            rebuild=rebuild,
             cache_to=cache_targets,
             no_cache_stages=frozenset(name.strip() for text in no_cache_filter for name in text.split(",")
                                       if name.strip()),
@@ -317,6 +334,15 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     finally:
         if interpreter is not None:
             interpreter.close()  # unless a RUN used it
+
+
+def _built_before(root: Path, dockerfile_path: Path | None, context: Path, target: str | None) -> bool:
+    """Whether this Dockerfile and target were built on this store before: then its RUN steps will likely hit,
+    and a sandbox started ahead would only be stopped again."""
+    from cache.records import BuildRecords
+
+    dockerfile = str(dockerfile_path or context.resolve() / "Dockerfile")
+    return (root / "cache" / "builds" / BuildRecords.identity(dockerfile, target or "")).is_file()
 
 
 def _start_sandbox_early(source: bytes) -> Interpreter | None:

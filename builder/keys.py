@@ -55,11 +55,13 @@ class TreeDigests:
     its content or link target, the path it is a hard link of, and its time where the layer keeps one.
     """
 
-    def __init__(self, files: FileDigests, epoch: int, *, xattrs: bool = False) -> None:
-        """``xattrs``: the copy keeps extended attributes (from a stage or image, not from the context)."""
+    def __init__(self, files: FileDigests, epoch: int, *, xattrs: bool = False, seen: set[str] | None = None) -> None:
+        """``xattrs``: the copy keeps extended attributes (from a stage or image, not from the context).
+        ``seen`` collects the host path of every entry read and of the directories above them."""
         self.files = files
         self.epoch = epoch
         self.xattrs = xattrs
+        self.seen = seen
 
     def _entry(self, path: str, st: os.stat_result, chmod: bool, links: dict[tuple[int, int], str],
                rel: str) -> str:
@@ -98,10 +100,26 @@ class TreeDigests:
         top = tree.root / rel if rel else tree.root
         st = os.lstat(top)
         out[prefix + (rel or ".")] = self._entry(str(top), st, chmod, links, rel or ".")
+        seen = self.seen
+        if seen is not None:
+            seen.add(str(top))
+            self.above(tree, rel)
         if stat.S_ISDIR(st.st_mode):
             start = tree.ignore.state_of(rel) if tree.ignore is not None and rel else None
             for path, child_rel, child_st in _below(tree, top, rel, start):
                 out[prefix + child_rel] = self._entry(path, child_st, chmod, links, child_rel)
+                if seen is not None:
+                    seen.add(path)
+
+    def above(self, tree: SourceTree, rel: str) -> None:
+        """The directories from the tree's root down to ``rel``: adding or renaming an entry changes their times."""
+        if self.seen is None:
+            return
+        current = tree.root
+        self.seen.add(str(current))
+        for part in rel.split("/")[:-1] if rel else ():
+            current = current / part
+            self.seen.add(str(current))
 
     def sources(self, tree: SourceTree, copy: CopyOp, out: dict[str, str], prefix: str = "") -> None:
         """Every entry a COPY or ADD reads from ``tree``: what its sources match, whole."""
@@ -121,6 +139,9 @@ class TreeDigests:
                         out[prefix + above] = self._entry(str(real), os.stat(real), chmod, {}, above)
                 if match.path != match.real_rel:  # reached through a symlink: the name used is an input too
                     out[prefix + match.path + " ->"] = match.real_rel
+                    self.above(tree, match.path)
+                    if self.seen is not None:
+                        self.seen.add(str(tree.root / match.path))
                 self.walk(tree, match.real_rel, chmod=chmod, out=out, prefix=prefix)
 
 

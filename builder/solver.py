@@ -288,6 +288,7 @@ class StepContext:
     def filesystem_step(self, step: FilesystemStep, place: str, text: str) -> tuple[StageState, str]:
         """Make ``step``'s change, or take it from the cache; returns the stage after it and "cached" or "done"
         (with --dry-run, "would-run" instead of making it)."""
+        self.solver.cache.filesystem_steps.add(self.current_step)
         if self.solver.options.dry_run:
             return self._plan(step, place, text)
         cache = self.solver.cache
@@ -366,8 +367,9 @@ class StepContext:
         op = step.op
         if isinstance(op, CopyOp) and isinstance(op.copy, Add) and op.copy.checksum is None and any(
                 source.startswith(("http://", "https://")) for source in op.copy.sources):
+            solver.cache.unrecorded_inputs = True
             return None  # what a URL serves can change at any time: ADD fetches it on every build
-        digests = TreeDigests(solver.cache.file_digests, solver.options.source_date_epoch)
+        digests = TreeDigests(solver.cache.file_digests, solver.options.source_date_epoch, seen=solver.cache.read_paths)
         files: dict[str, str] = {}
         sources: dict[str, object] = {}
         if isinstance(op, CopyOp):
@@ -387,6 +389,7 @@ class StepContext:
                     continue
                 prefix = "" if mount.from_ is None else f"{mount.from_}:"
                 rel = tree.relative(mount.source or "/", "RUN --mount")
+                digests.above(tree, rel + "/")  # the directories down to it, it included
                 if tree.present(rel, is_dir=True) and os.path.lexists(tree.root / rel):
                     digests.walk(tree, rel, chmod=False, out=files, prefix=prefix)
             secrets = solver.options.secrets
@@ -507,6 +510,8 @@ class StepContext:
         if named is not None:
             reference = named.removeprefix("docker-image://")
         dry_run = self.solver.options.dry_run
+        if reference.startswith(("oci-archive:", "oci-layout:")):
+            self.solver.cache.unrecorded_inputs = True  # a file outside the store and the context
         if dry_run and reference.startswith(("oci-archive:", "oci-layout:")):
             # reading it would bring its blobs into the store
             raise _StageRunsFirst(f"{reference} is read when the build runs")

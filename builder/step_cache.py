@@ -53,6 +53,9 @@ class StepCache:
         self.progress = progress
         self._previous: dict[str, Any] | None = None
         self.sources = sources
+        self.read_paths: set[str] = set()  # every context entry the keys read, and the directories above them
+        self.filesystem_steps: set[int] = set()  # progress numbers of the steps that have keys
+        self.unrecorded_inputs = False  # a step read what no key or record covers (a URL, an archive)
         self._current: dict[str, Any] = {}
         self._made: dict[str, tuple[int, str, Layer | None]] = {}  # place: stage index, key, layer
         self._lock = threading.Lock()
@@ -154,6 +157,9 @@ class StepCache:
         with self._lock:
             self._current[self._place(stage, place)] = {"key": key, "inputs": inputs}
             self._made[self._place(stage, place)] = (stage.index, key, layer)
+
+    def used_keys(self) -> list[str]:
+        return [key for _, key, _ in self._made.values()]
 
     def export(self, directory: Path, stages: set[int] | None, written: Callable[[Layer], Layer]) -> None:
         """Write this build's steps (only those of ``stages``, unless None) as a cache directory.

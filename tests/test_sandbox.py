@@ -462,12 +462,13 @@ def test_a_failed_plan_ends_the_interpreter(busybox_rootfs: Path) -> None:
 
 
 def test_spare_interpreters_cover_the_runs_they_are_told_of() -> None:
-    spares = sandbox.SpareInterpreters(2)
+    spares = sandbox.SpareInterpreters(3, started=sandbox.Interpreter())
     first = spares.take()
     second = spares.take()
     try:
         assert first is not None and second is not None and first is not second
         assert first.ready() and second.ready()
+        assert spares.take() is not None  # the third, started while the second ran
         assert spares.take() is None  # more RUNs than counted (ONBUILD triggers) start their own
     finally:
         for interpreter in (first, second):
@@ -476,8 +477,21 @@ def test_spare_interpreters_cover_the_runs_they_are_told_of() -> None:
     assert sandbox.SpareInterpreters(0).take() is None
 
 
+def test_without_one_started_ahead_the_first_run_starts_its_own_and_the_next_is_ready() -> None:
+    """A rebuild whose RUNs may all hit starts no interpreter until one is needed."""
+    spares = sandbox.SpareInterpreters(2)
+    assert spares._spare is None
+    assert spares.take() is None  # the first RUN starts its own...
+    second = spares.take()  # ...and one for the second was started meanwhile
+    try:
+        assert second is not None and second.ready()
+    finally:
+        if second is not None:
+            second.close()
+
+
 def test_closing_spare_interpreters_ends_the_waiting_one() -> None:
-    spares = sandbox.SpareInterpreters(3)
+    spares = sandbox.SpareInterpreters(3, started=sandbox.Interpreter())
     waiting = spares._spare
     assert waiting is not None and waiting.ready()
     spares.close()

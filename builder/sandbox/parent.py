@@ -149,9 +149,9 @@ class Interpreter:
 class SpareInterpreters:
     """Keeps one sandbox interpreter started ahead of the next RUN, so no RUN waits for Python to start.
 
-    The first starts with the build (on the main thread), unless the caller ``started`` one earlier; each
-    RUN that takes one starts the next while it runs, as long as RUNs are left. Stage threads live until
-    the build ends, as their interpreters must.
+    The first is the one the caller ``started`` ahead, if any: a rebuild whose RUNs may all come from the
+    cache starts none. Each RUN that takes one (or finds none and starts its own) starts the next while it
+    runs, as long as RUNs are left. Stage threads live until the build ends, as their interpreters must.
     """
 
     def __init__(self, runs: int, started: Interpreter | None = None) -> None:
@@ -160,7 +160,7 @@ class SpareInterpreters:
         if started is not None and not runs:
             started.close()
             started = None
-        self._spare = started or (Interpreter() if runs else None)
+        self._spare = started
 
     def take(self) -> Interpreter | None:
         """The spare interpreter for the RUN about to start (None: it starts its own)."""
