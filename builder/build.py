@@ -136,10 +136,11 @@ def _remember_for_rebuild(root: Path, request: BuildRequest, solver: Solver, pro
 
     assert request.rebuild is not None
     dockerfile = Path(request.rebuild.dockerfile_path)
-    entries = set(solver.cache.read_paths) | {str(request.context), str(dockerfile), str(dockerfile.parent)}
+    entries = dict(solver.cache.read_paths)
     ignore = ignore_file_for(request.context, request.dockerfile_path)
-    if ignore is not None:
-        entries.add(str(ignore))
+    for path in (request.context, dockerfile, dockerfile.parent, ignore):
+        if path is not None:
+            entries.setdefault(str(path), None)
     steps = [(step.name, "cached" if step.number in solver.cache.filesystem_steps else "done")
              for step in progress.steps]
     identity = BuildRecords.identity(request.rebuild.dockerfile_path, request.target or "")

@@ -55,9 +55,11 @@ class TreeDigests:
     its content or link target, the path it is a hard link of, and its time where the layer keeps one.
     """
 
-    def __init__(self, files: FileDigests, epoch: int, *, xattrs: bool = False, seen: set[str] | None = None) -> None:
+    def __init__(self, files: FileDigests, epoch: int, *, xattrs: bool = False,
+                 seen: dict[str, tuple[int, ...] | None] | None = None) -> None:
         """``xattrs``: the copy keeps extended attributes (from a stage or image, not from the context).
-        ``seen`` collects the host path of every entry read and of the directories above them."""
+        ``seen`` collects the host path of every entry read and of the directories above them, with their stat
+        (``stat_stamp``; None for a directory's whose stat is still to be taken)."""
         self.files = files
         self.epoch = epoch
         self.xattrs = xattrs
@@ -102,24 +104,24 @@ class TreeDigests:
         out[prefix + (rel or ".")] = self._entry(str(top), st, chmod, links, rel or ".")
         seen = self.seen
         if seen is not None:
-            seen.add(str(top))
+            seen[str(top)] = stat_stamp(st)
             self.above(tree, rel)
         if stat.S_ISDIR(st.st_mode):
             start = tree.ignore.state_of(rel) if tree.ignore is not None and rel else None
             for path, child_rel, child_st in _below(tree, top, rel, start):
                 out[prefix + child_rel] = self._entry(path, child_st, chmod, links, child_rel)
                 if seen is not None:
-                    seen.add(path)
+                    seen[path] = stat_stamp(child_st)
 
     def above(self, tree: SourceTree, rel: str) -> None:
         """The directories from the tree's root down to ``rel``: adding or renaming an entry changes their times."""
         if self.seen is None:
             return
         current = tree.root
-        self.seen.add(str(current))
+        self.seen.setdefault(str(current), None)
         for part in rel.split("/")[:-1] if rel else ():
             current = current / part
-            self.seen.add(str(current))
+            self.seen.setdefault(str(current), None)
 
     def sources(self, tree: SourceTree, copy: CopyOp, out: dict[str, str], prefix: str = "") -> None:
         """Every entry a COPY or ADD reads from ``tree``: what its sources match, whole."""
@@ -141,8 +143,13 @@ class TreeDigests:
                     out[prefix + match.path + " ->"] = match.real_rel
                     self.above(tree, match.path)
                     if self.seen is not None:
-                        self.seen.add(str(tree.root / match.path))
+                        self.seen.setdefault(str(tree.root / match.path), None)
                 self.walk(tree, match.real_rel, chmod=chmod, out=out, prefix=prefix)
+
+
+def stat_stamp(st: os.stat_result) -> tuple[int, ...]:
+    """What of a stat shows a change: type and mode, size, mtime, ctime (no write escapes it), inode."""
+    return (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 def _below(tree: SourceTree, directory: Path | str, rel: str, parent: Any) -> Iterator[tuple[str, str, os.stat_result]]:

@@ -301,7 +301,7 @@ class StepContext:
         content_key = None
         if key is not None and refused is None:
             hit = cache.lookup(key)
-            if hit is None:
+            if hit is None and cache.rebuilding(place, self.stage):  # a first build has nothing to find by it
                 content_key = self._content_key(step, inputs)
                 hit = None if content_key is None else cache.lookup(content_key)
                 if hit is not None:  # what it copies is as before although the stage it comes from changed

@@ -53,7 +53,8 @@ class StepCache:
         self.progress = progress
         self._previous: dict[str, Any] | None = None
         self.sources = sources
-        self.read_paths: set[str] = set()  # every context entry the keys read, and the directories above them
+        # every context entry the keys read, and the directories above them, with their stat where taken
+        self.read_paths: dict[str, tuple[int, ...] | None] = {}
         self.filesystem_steps: set[int] = set()  # progress numbers of the steps that have keys
         self.unrecorded_inputs = False  # a step read what no key or record covers (a URL, an archive)
         self._current: dict[str, Any] = {}
@@ -177,12 +178,19 @@ class StepCache:
             steps.append(CachedStep(key, stored.diff_id, LayerBlob(stored.digest, stored.size, stored.media_type)))
         write_cache(directory, steps, self.blobs)
 
-    def explain(self, place: str, stage: Stage, key: str | None, inputs: dict[str, Any]) -> MissCause | None:
-        """Why a step runs that the previous build of this Dockerfile and target had cached; None if it had not."""
+    def _previous_step(self, place: str, stage: Stage) -> Any:
         with self._lock:
             if self._previous is None:
                 self._previous = self.records.load(self.identity)
-            previous = self._previous.get(self._place(stage, place))
+            return self._previous.get(self._place(stage, place))
+
+    def rebuilding(self, place: str, stage: Stage) -> bool:
+        """Whether the previous build of this Dockerfile and target had this step (a rebuild, not a first build)."""
+        return self._previous_step(place, stage) is not None
+
+    def explain(self, place: str, stage: Stage, key: str | None, inputs: dict[str, Any]) -> MissCause | None:
+        """Why a step runs that the previous build of this Dockerfile and target had cached; None if it had not."""
+        previous = self._previous_step(place, stage)
         if not isinstance(previous, dict) or not isinstance(previous.get("inputs"), dict):
             return None
         if previous.get("key") == key:

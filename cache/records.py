@@ -7,12 +7,14 @@ its own at the end, so a build of another target in between does not lose the co
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import marshal
+import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from cache.index import read_record, write_record
 
 
 class BuildRecords:
@@ -25,12 +27,26 @@ class BuildRecords:
 
     def load(self, identity: str) -> dict[str, Any]:
         """The previous build's steps: place to {"key": ..., "inputs": ...}; empty when there was none."""
-        value = read_record(self.root / identity)
+        try:
+            with open(self.root / identity, "rb") as file:
+                value = marshal.load(file)
+        except (OSError, EOFError, ValueError, TypeError):
+            return {}
         steps = value.get("steps") if isinstance(value, dict) else None
         return steps if isinstance(steps, dict) else {}
 
     def save(self, identity: str, steps: Mapping[str, Any]) -> None:
-        write_record(self.root / identity, {"steps": dict(steps)})
+        """Written whole or not at all; marshal, as a record holds a digest per context file read."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(prefix=f".record-{os.getpid()}-", dir=self.root)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                marshal.dump({"steps": dict(steps)}, file)
+            os.replace(name, self.root / identity)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            raise
 
     def remove_all(self) -> int:
         if not self.root.is_dir():

@@ -167,6 +167,13 @@ def check_store(root: Path, when: str) -> None:
     records whole and naming what is there, temp files only under temp names (a dot and the writer's pid)."""
     problems: list[str] = []
 
+    def read_marshal(path: Path):
+        try:
+            return marshal.loads(path.read_bytes())
+        except (EOFError, ValueError, TypeError) as exc:
+            problems.append(f"{path.relative_to(root)} is not a marshal record ({exc})")
+            return None
+
     def read_json(path: Path):
         try:
             return json.loads(path.read_bytes())
@@ -232,7 +239,7 @@ def check_store(root: Path, when: str) -> None:
                 problems.append(f"{where}: layer {diff_id} has neither a snapshot nor an intact blob")
 
     for path in entries(root / "cache" / "builds"):
-        if not path.name.startswith(".") and (value := read_json(path)) is not None and not isinstance(
+        if not path.name.startswith(".") and (value := read_marshal(path)) is not None and not isinstance(
                 value.get("steps") if isinstance(value, dict) else None, dict):
             problems.append(f"cache/builds/{path.name}: {value!r} is no build record")
     for path in entries(root / "cache" / "parsed"):
@@ -430,10 +437,10 @@ def test_a_garbage_parsed_dockerfile_is_parsed_again(reference: Reference, warm:
 
 
 BUILD_RECORD_DAMAGE = {
-    "cut short": lambda record: json.dumps(record)[:100],
-    "binary junk": lambda record: "\x00\x01 no JSON here",
-    "steps of another shape": lambda record: json.dumps({"steps": ["a", "list"]}),
-    "inputs of another shape": lambda record: json.dumps({"steps": {
+    "cut short": lambda record: marshal.dumps(record)[:100],
+    "binary junk": lambda record: b"\x00\x01 no record here",
+    "steps of another shape": lambda record: marshal.dumps({"steps": ["a", "list"]}),
+    "inputs of another shape": lambda record: marshal.dumps({"steps": {
         place: {"key": "0" * 64, "inputs": {"instruction": step["inputs"]["instruction"], "args": 1, "files": 2}}
         for place, step in record["steps"].items()}}),
 }
@@ -444,7 +451,7 @@ def test_a_garbage_previous_build_record_only_loses_the_explanation(reference: R
                                                                     damage: str) -> None:
     """The record explains a miss: one step's cache entry is dropped, so that step misses and reads it."""
     record_path, = [path for path in entries(warm.root / "cache" / "builds") if HEX.fullmatch(path.name)]
-    record_path.write_text(BUILD_RECORD_DAMAGE[damage](json.loads(record_path.read_bytes())))
+    record_path.write_bytes(BUILD_RECORD_DAMAGE[damage](marshal.loads(record_path.read_bytes())))
     record, = records_naming(warm, layer_holding(warm, "app/ab.txt"))
     record.unlink()
     done = build_or_explain(warm, reference.context, "-t", "crash")
