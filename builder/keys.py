@@ -14,7 +14,7 @@ import hashlib
 import os
 import stat
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +33,8 @@ def op_data(op: RunOp | CopyOp | WorkdirOp | DirectoryOp, network: str) -> dict[
                 "scripts": [[name, hashlib.sha256(body).hexdigest()] for name, body in op.scripts]}
     if isinstance(op, CopyOp):
         copy = op.copy
-        fields = {name: list(value) if isinstance(value, tuple) else value for name, value in asdict(copy).items()
-                  if name not in ("location", "original", "source_contents")}
+        fields = {field.name: _plain(getattr(copy, field.name)) for field in dataclass_fields(copy)
+                  if field.name not in ("location", "original", "source_contents")}
         inline = [[heredoc.name, heredoc.chomp, hashlib.sha256(heredoc.content.encode()).hexdigest()]
                   for heredoc in copy.source_contents]
         return {"kind": type(copy).__name__.lower(), **fields, "inline": inline, "workdir": op.workdir}
@@ -45,7 +45,11 @@ def op_data(op: RunOp | CopyOp | WorkdirOp | DirectoryOp, network: str) -> dict[
 
 def _mount_data(mount: Mount) -> dict[str, Any]:
     """A mount's options; a secret is named by its id and where it goes, never by its value."""
-    return {name: value for name, value in asdict(mount).items() if value is not None}
+    return {field.name: value for field in dataclass_fields(mount) if (value := getattr(mount, field.name)) is not None}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
 
 
 class TreeDigests:

@@ -32,9 +32,7 @@ from builder.sandbox.namespace import UnmappedId, check_mapped
 from builder.step_cache import StepCache
 from builder.steps import STEPS, FilesystemStep, StageState, StepInputs, describe, heredoc_body, scratch_state
 from cache.keys import MissCause, step_key
-from cache.mounts import CacheMounts
 from cache.records import BuildRecords
-from cache.transfer import CacheSource
 from parser.errors import PybuildError, SourceRange
 from parser.flags import Mount, mount_id, mount_mode, mount_size
 from parser.instructions import Add, Copy, Instruction, Run, parse
@@ -82,6 +80,15 @@ class BuildOptions:
     dry_run: bool = False  # say which steps hit and which would run, and run none
 
 
+def _cache_sources(specs: tuple[Mapping[str, str], ...]) -> tuple:
+    """The --cache-from directories, read at the start (the module only loads when one is given)."""
+    if not specs:
+        return ()
+    from cache.transfer import CacheSource
+
+    return tuple(CacheSource(Path(spec["src"])) for spec in specs)
+
+
 def epoch_timestamp(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
@@ -125,7 +132,7 @@ class Solver:
         self.blobs = BlobStore(state_root)
         self.snapshots = Snapshots(state_root / "snapshots")
         snapshotter(self.snapshots.root)  # chosen where the choice is remembered, before any step's scratch dir
-        self.cache_mounts = CacheMounts(state_root / "cache" / "mounts")
+        self.cache_mounts_root = state_root / "cache" / "mounts"
         self.tmp_root = state_root / "tmp"
         self.tmp_root.mkdir(parents=True, exist_ok=True)
         mark_top_directory(self.tmp_root)  # each step's work dir is its own tree
@@ -140,7 +147,7 @@ class Solver:
                                compression=options.compression, no_cache=options.no_cache,
                                no_cache_stages=options.no_cache_stages, snapshots=self.snapshots, blobs=self.blobs,
                                progress=progress,
-                               sources=tuple(CacheSource(Path(spec["src"])) for spec in options.cache_from))
+                               sources=_cache_sources(options.cache_from))
         self.pending_layers = PendingLayers(self.blobs, options.compression, options.source_date_epoch,
                                             on_written=self.cache.layer_written)
         global_args = platform_args()
@@ -785,7 +792,9 @@ class StepContext:
                 raise PybuildError(f"RUN --mount=type=cache: source {mount.source or '/'!r} of {mount.from_} is not "
                                    "a directory", location)
             name = f"{name}\0from={mount.from_}\0source={mount.source or '/'}"
-        path = stack.enter_context(self.solver.cache_mounts.acquire(
+        from cache.mounts import CacheMounts
+
+        path = stack.enter_context(CacheMounts(self.solver.cache_mounts_root).acquire(
             name, sharing=mount.sharing or "shared", uid=uid, gid=gid, mode=mode, seed=seed))
         if mount.from_ is None and mount.source:  # a subdirectory of the cache
             from builder.fs.copy import make_directory

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from builder.fs.snapshot import Snapshots
 from builder.graph import Stage
@@ -22,8 +22,10 @@ from cache.files import FileDigests
 from cache.index import LayerBlob, LayerBlobs, StepIndex, StepResult
 from cache.keys import MissCause, miss_cause
 from cache.records import BuildRecords
-from cache.transfer import CachedStep, CacheSource, write_cache
 from parser.errors import PybuildError
+
+if TYPE_CHECKING:
+    from cache.transfer import CacheSource
 
 
 @dataclass
@@ -167,6 +169,8 @@ class StepCache:
 
         ``written`` gives a layer with its blob in the store, writing the blob now when it is pending.
         """
+        from cache.transfer import CachedStep, write_cache
+
         steps = []
         for stage_index, key, layer in self._made.values():
             if stages is not None and stage_index not in stages:

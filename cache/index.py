@@ -12,10 +12,11 @@ read is treated as absent and removed: the cache may lose an entry, never serve 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
-import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,14 +42,28 @@ class LayerBlob:
     media_type: str
 
 
+_NAMES = itertools.count()
+
+
 def write_record(path: Path, value: Any) -> None:
-    """Put ``value`` at ``path`` as JSON, atomically; creates the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-", dir=path.parent)
+    """Put ``value`` at ``path`` as JSON, atomically; creates the directory.
+
+    The temp file is named by the process, the thread and a counter (unique without mkstemp's tries), and
+    its name carries the pid, so a sweep can tell a killed writer's leftover.
+    """
+    data = json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+    name = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{next(_NAMES)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(value, file, separators=(",", ":"), sort_keys=True)
-        os.chmod(name, 0o644)
+        handle = os.open(name, flags, 0o644)
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = os.open(name, flags, 0o644)
+    try:
+        try:
+            os.write(handle, data)
+        finally:
+            os.close(handle)
         os.replace(name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -22,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cache.blobs import BlobStore
+from cache.blobs import TEMP_PREFIX, BlobStore
+from cache.files import sha256_file
 from cache.index import LayerBlob
 from parser.errors import PybuildError
 
@@ -105,12 +107,26 @@ class CacheSource:
             return False
 
     def fetch(self, blob: LayerBlob, store: BlobStore) -> bool:
-        """Copy a blob into ``store``, its digest checked; False when it is missing or damaged here."""
+        """Bring a blob into ``store``, its digest checked; False when it is missing or damaged here.
+
+        On the store's filesystem the file is hard-linked after its digest is checked (blobs are never
+        changed in place, and --cache-to links them the other way); elsewhere it is copied and checked.
+        """
         if store.has(blob.digest):
             return True
+        source = self._blob_path(blob.digest)
         try:
-            with open(self._blob_path(blob.digest), "rb") as source, store.writer(expect=blob.digest) as out:
-                shutil.copyfileobj(source, out.file, 1 << 20)
+            if "sha256:" + sha256_file(source) != blob.digest:
+                return False
+            store.tmp_dir.mkdir(parents=True, exist_ok=True)
+            linked = store.tmp_dir / f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(8)}.tmp"
+            try:
+                os.link(source, linked)
+            except OSError:
+                with open(source, "rb") as file, store.writer(expect=blob.digest) as out:
+                    shutil.copyfileobj(file, out.file, 1 << 20)
+                return True
+            store.put_file(linked, blob.digest)
         except (OSError, PybuildError):
             return False
         return True
