@@ -271,7 +271,10 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
         if path is not None:
             _check_writable(path, what)
     dockerfile_path = None if file == "-" else Path(name).resolve()
-    rebuild = None
+    built_before = not dry_run and _built_before(root, dockerfile_path, context, target)
+    # A first build: its first RUN's sandbox boots on the other core while the builder loads.
+    interpreter = None if dry_run or built_before else _start_sandbox_early(source)
+    rebuild = None  # where a rebuild may be given without the builder: what it must find unchanged
     if not (dry_run or no_cache or no_cache_filter or parsed_outputs or cache_sources or cache_targets or iidfile
             or metadata_file or build_contexts or secrets or dockerfile_path is None):
         from builder.rebuild import RebuildOptions, fast_rebuild
@@ -280,13 +283,10 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
         rebuild = RebuildOptions(
             dockerfile=source, dockerfile_path=str(dockerfile_path), context=str(context.resolve()),
             target=target or "", build_args=_key_values(build_args, "--build-arg"), network=network,
-            secret_ids=[_options(text, "--secret").get("id", "") for text in secrets],
-            compression=compression or "zstd", platform=platform or "", tags=tags)
+            secret_ids=[], compression=compression or "zstd", platform=platform or "", tags=tags)
         identity = BuildRecords.identity(str(dockerfile_path), target or "")
-        if fast_rebuild(root, identity, rebuild, "quiet" if quiet else progress):
+        if built_before and fast_rebuild(root, identity, rebuild, "quiet" if quiet else progress):
             return
-    interpreter = None if dry_run or _built_before(root, dockerfile_path, context, target) else (
-        _start_sandbox_early(source))
     try:
         from builder.build import BuildRequest, run_build
         from cache.parsed import parsed
