@@ -11,7 +11,6 @@ import contextlib
 import hashlib
 import marshal
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ class BuildRecords:
 
     def save(self, identity: str, steps: Mapping[str, Any]) -> None:
         """Written whole or not at all; marshal, as a record holds a digest per context file read."""
+        import tempfile  # here: the CLI reads records before the sandbox it starts early, and tempfile is slow to load
+
         self.root.mkdir(parents=True, exist_ok=True)
         handle, name = tempfile.mkstemp(prefix=f".record-{os.getpid()}-", dir=self.root)
         try:
