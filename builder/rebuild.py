@@ -14,7 +14,6 @@ no outputs but the store, no ADD of a URL, and no entry changed within two secon
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import marshal
@@ -94,25 +93,13 @@ def record(root: Path, identity: str, options: RebuildOptions, entries: Mapping[
             return
         stats[entry] = stat
     index = root / "index.json"
-    _write(path, {"options": options.fingerprint(), "index": _index_stamp(index), "entries": stats,
-                  "keys": sorted(set(keys)), "steps": [list(step) for step in steps], "result": dict(result),
-                  "layers": [list(layer) for layer in layers]})
+    from cache.index import write_atomically
 
-
-def _write(path: Path, value: Any) -> None:
-    """marshal, not JSON: a record of thousands of entries is read and written in a fraction of the time."""
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, name = tempfile.mkstemp(prefix=f".record-{os.getpid()}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            marshal.dump(value, file)
-        os.replace(name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-        raise
+    # marshal, not JSON: a record of thousands of entries is read and written in a fraction of the time
+    memo = {"options": options.fingerprint(), "index": _index_stamp(index), "entries": stats,
+            "keys": sorted(set(keys)), "steps": [list(step) for step in steps], "result": dict(result),
+            "layers": [list(layer) for layer in layers]}
+    write_atomically(path, marshal.dumps(memo))
 
 
 def _layers_in_place(root: Path, layers: Sequence[Sequence]) -> bool:

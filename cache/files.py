@@ -7,11 +7,9 @@ its stat showing it, so such a digest is not remembered: the next build reads th
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import marshal
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,14 +63,6 @@ class FileDigests:
         """Remember the digests used by this build, and the others still known (concurrent builds: last wins)."""
         if not self.fresh or all(self.known.get(path) == entry for path, entry in self.fresh.items()):
             return
-        merged = {**self.known, **self.fresh}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".file-digests-{os.getpid()}-", dir=self.path.parent)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                marshal.dump(merged, file)
-            os.replace(name, self.path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
-            raise
+        from cache.index import write_atomically
+
+        write_atomically(self.path, marshal.dumps({**self.known, **self.fresh}))

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,12 +47,30 @@ _NAMES = itertools.count()
 
 
 def write_record(path: Path, value: Any) -> None:
-    """Put ``value`` at ``path`` as JSON, atomically; creates the directory.
+    """Put ``value`` at ``path`` as JSON, atomically; creates the directory."""
+    write_atomically(path, json.dumps(value, separators=(",", ":"), sort_keys=True).encode())
 
-    The temp file is named by the process, the thread and a counter (unique without mkstemp's tries), and
-    its name carries the pid, so a sweep can tell a killed writer's leftover.
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Put ``data`` at ``path`` whole or not at all (written beside it, then renamed); creates the directory.
+
+    Every file the cache writes goes through here or ``copy_atomically``. The temp file is named by the
+    process, the thread and a counter (unique without mkstemp's tries); its name carries the pid, so a
+    sweep (``cache.gc.sweep_temp_files``) can tell a killed writer's leftover.
     """
-    data = json.dumps(value, separators=(",", ":"), sort_keys=True).encode()
+    with _beside(path) as handle:
+        os.write(handle, data)
+
+
+def copy_atomically(source: Path, path: Path) -> None:
+    """Copy the file ``source`` to ``path``, whole or not at all."""
+    with _beside(path) as handle, open(source, "rb") as reader:
+        while chunk := reader.read(1 << 20):
+            os.write(handle, chunk)
+
+
+@contextlib.contextmanager
+def _beside(path: Path) -> Iterator[int]:
     name = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{next(_NAMES)}"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     try:
@@ -61,7 +80,7 @@ def write_record(path: Path, value: Any) -> None:
         handle = os.open(name, flags, 0o644)
     try:
         try:
-            os.write(handle, data)
+            yield handle
         finally:
             os.close(handle)
         os.replace(name, path)

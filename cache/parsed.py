@@ -11,10 +11,10 @@ import contextlib
 import hashlib
 import os
 import pickle
-import tempfile
 from pathlib import Path
 
 import parser as parser_package
+from cache.index import write_atomically
 from parser.instructions import Dockerfile, parse
 
 _PARSER_DIR = Path(parser_package.__file__).parent
@@ -39,14 +39,5 @@ def parsed(source: bytes, filename: str, root: Path) -> Dockerfile:
         pass
     dockerfile = parse(source, filename)  # a syntax error raises here, and nothing is remembered
     with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".parsed-{os.getpid()}-", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                pickle.dump(dockerfile, file, protocol=pickle.HIGHEST_PROTOCOL)
-            os.replace(name, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
-            raise
+        write_atomically(path, pickle.dumps(dockerfile, protocol=pickle.HIGHEST_PROTOCOL))
     return dockerfile

@@ -7,13 +7,13 @@ its own at the end, so a build of another target in between does not lose the co
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import marshal
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from cache.index import write_atomically
 
 
 class BuildRecords:
@@ -36,18 +36,7 @@ class BuildRecords:
 
     def save(self, identity: str, steps: Mapping[str, Any]) -> None:
         """Written whole or not at all; marshal, as a record holds a digest per context file read."""
-        import tempfile  # here: the CLI reads records before the sandbox it starts early, and tempfile is slow to load
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(prefix=f".record-{os.getpid()}-", dir=self.root)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                marshal.dump({"steps": dict(steps)}, file)
-            os.replace(name, self.root / identity)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
-            raise
+        write_atomically(self.root / identity, marshal.dumps({"steps": dict(steps)}))
 
     def remove_all(self) -> int:
         if not self.root.is_dir():

@@ -11,13 +11,11 @@ checked, only when a step hits on it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import secrets
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 
 from cache.blobs import TEMP_PREFIX, BlobStore
 from cache.files import sha256_file
-from cache.index import LayerBlob
+from cache.index import LayerBlob, copy_atomically, write_atomically
 from parser.errors import PybuildError
 
 CACHE_CONFIG_TYPE = "application/vnd.pybuild.cache.config.v1+json"
@@ -152,10 +150,10 @@ def write_cache(directory: Path, steps: Iterable[CachedStep], blobs: BlobStore) 
     config = _put_json(blob_dir, {"steps": sorted(records, key=lambda record: record["key"])})
     manifest = _put_json(blob_dir, {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
                                     "config": {"mediaType": CACHE_CONFIG_TYPE, **config}, "layers": layers})
-    _write_file(directory / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
+    write_atomically(directory / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
     index = {"schemaVersion": 2, "mediaType": INDEX_TYPE,
              "manifests": [{"mediaType": MANIFEST_TYPE, **manifest, "annotations": {REF_NAME: CACHE_NAME}}]}
-    _write_file(directory / "index.json", json.dumps(index, indent=2).encode())
+    write_atomically(directory / "index.json", json.dumps(index, indent=2).encode())
 
 
 def _put_json(blob_dir: Path, value: Any) -> dict[str, Any]:
@@ -163,38 +161,14 @@ def _put_json(blob_dir: Path, value: Any) -> dict[str, Any]:
 
     data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
-    _write_file(blob_dir / digest.removeprefix("sha256:"), data)
+    write_atomically(blob_dir / digest.removeprefix("sha256:"), data)
     return {"digest": digest, "size": len(data)}
 
 
 def _copy_blob(source: Path, target: Path) -> None:
     if target.exists():
         return
-    handle, name = tempfile.mkstemp(prefix=".blob-", dir=target.parent)
-    os.close(handle)
     try:
-        try:
-            os.link(source, target)  # same filesystem: no copy at all
-            os.unlink(name)
-            return
-        except OSError:
-            shutil.copyfile(source, name)
-        os.chmod(name, 0o644)
-        os.replace(name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-        raise
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-        os.chmod(name, 0o644)
-        os.replace(name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(name)
-        raise
+        os.link(source, target)  # same filesystem: no copy at all, and the link appears whole
+    except OSError:
+        copy_atomically(source, target)
