@@ -143,10 +143,10 @@ def _remember_for_rebuild(root: Path, request: BuildRequest, solver: Solver, pro
             entries.setdefault(str(path), None)
     steps = [(step.name, "cached" if step.number in solver.cache.filesystem_steps else "done")
              for step in progress.steps]
-    identity = BuildRecords.identity(request.rebuild.dockerfile_path, request.target or "")
+    identity = BuildRecords.identity(request.dockerfile_path, request.context, request.target)
     record(root, identity, request.rebuild, entries, solver.cache.used_keys(), steps,
            {"image_id": image_id, "manifest": manifest, "names": list(names)},
-           [(layer.diff_id, layer.digest, layer.size) for layer in image.layers])
+           [(str(solver.snapshots.path(layer.diff_id)), layer.digest, layer.size) for layer in image.layers])
 
 
 CACHE_LIMIT_ENV = "PYBUILD_CACHE_LIMIT"

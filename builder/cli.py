@@ -271,20 +271,22 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
         if path is not None:
             _check_writable(path, what)
     dockerfile_path = None if file == "-" else Path(name).resolve()
-    built_before = not dry_run and _built_before(root, dockerfile_path, context, target)
+    from cache.records import BuildRecords
+
+    identity = BuildRecords.identity(dockerfile_path, context, target)
+    # Built on this store before: its RUN steps will likely hit, and a sandbox started ahead would only be stopped.
+    built_before = not dry_run and BuildRecords(root / "cache").has(identity)
     # A first build: its first RUN's sandbox boots on the other core while the builder loads.
     interpreter = None if dry_run or built_before else _start_sandbox_early(source)
     rebuild = None  # where a rebuild may be given without the builder: what it must find unchanged
     if not (dry_run or no_cache or no_cache_filter or parsed_outputs or cache_sources or cache_targets or iidfile
             or metadata_file or build_contexts or secrets or dockerfile_path is None):
         from builder.rebuild import RebuildOptions, fast_rebuild
-        from cache.records import BuildRecords
 
         rebuild = RebuildOptions(
             dockerfile=source, dockerfile_path=str(dockerfile_path), context=str(context.resolve()),
             target=target or "", build_args=_key_values(build_args, "--build-arg"), network=network,
-            secret_ids=[], compression=compression or "zstd", platform=platform or "", tags=tags)
-        identity = BuildRecords.identity(str(dockerfile_path), target or "")
+            compression=compression or "zstd", platform=platform or "", tags=tags)
         if built_before and fast_rebuild(root, identity, rebuild, "quiet" if quiet else progress):
             return
     try:
@@ -334,15 +336,6 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     finally:
         if interpreter is not None:
             interpreter.close()  # unless a RUN used it
-
-
-def _built_before(root: Path, dockerfile_path: Path | None, context: Path, target: str | None) -> bool:
-    """Whether this Dockerfile and target were built on this store before: then its RUN steps will likely hit,
-    and a sandbox started ahead would only be stopped again."""
-    from cache.records import BuildRecords
-
-    dockerfile = str(dockerfile_path or context.resolve() / "Dockerfile")
-    return (root / "cache" / "builds" / BuildRecords.identity(dockerfile, target or "")).is_file()
 
 
 def _start_sandbox_early(source: bytes) -> Interpreter | None:

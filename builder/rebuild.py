@@ -39,7 +39,6 @@ class RebuildOptions:
     target: str
     build_args: Mapping[str, str]
     network: str
-    secret_ids: Sequence[str]
     compression: str
     platform: str
     tags: Sequence[str]
@@ -47,7 +46,7 @@ class RebuildOptions:
     def fingerprint(self) -> str:
         data = {"dockerfile": hashlib.sha256(self.dockerfile).hexdigest(), "path": self.dockerfile_path,
                 "context": self.context, "target": self.target, "args": sorted(self.build_args.items()),
-                "network": self.network, "secrets": sorted(self.secret_ids), "compression": self.compression,
+                "network": self.network, "compression": self.compression,
                 "platform": self.platform, "tags": sorted(self.tags), "epoch": os.environ.get("SOURCE_DATE_EPOCH"),
                 "program": _program_stamp()}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8", "surrogateescape")).hexdigest()
@@ -82,7 +81,8 @@ def record(root: Path, identity: str, options: RebuildOptions, entries: Mapping[
            steps: Sequence[tuple[str, str]], result: Mapping[str, Any],
            layers: Sequence[tuple[str, str, int]]) -> None:
     """Remember a successful build for ``fast_rebuild``, unless an entry it read changed too recently to trust
-    its stat (then there is nothing to remember, and any earlier record goes)."""
+    its stat (then there is nothing to remember, and any earlier record goes). ``layers``: the image's, each
+    as its snapshot's path, its blob's digest and size."""
     path = _record_path(root, identity)
     now = time.time_ns()
     stats = {}
@@ -103,10 +103,10 @@ def record(root: Path, identity: str, options: RebuildOptions, entries: Mapping[
 
 
 def _layers_in_place(root: Path, layers: Sequence[Sequence]) -> bool:
-    """The image's layers as the last build left them: unpacked, and their blobs at their sizes."""
-    for diff_id, digest, size in layers:
-        if not any((root / "snapshots" / kind / diff_id.removeprefix("sha256:")).is_dir()
-                   for kind in ("overlay", "overlay-userxattr", "copy")):
+    """The image's layers as the last build left them: unpacked where it unpacked them, and their blobs at
+    their sizes."""
+    for snapshot, digest, size in layers:
+        if not os.path.isdir(snapshot):
             return False
         try:
             if (root / "blobs" / "sha256" / digest.removeprefix("sha256:")).stat().st_size != size:

@@ -142,8 +142,8 @@ class Solver:
         self.futures: dict[int, Future[oci.Image]] = {}
         self.unplanned_stages: set[int] = set()  # --dry-run: stages with a step that would run
         self.failed = threading.Event()
-        dockerfile = str(options.dockerfile_path or options.context / "Dockerfile")
-        self.cache = StepCache(state_root / "cache", identity=BuildRecords.identity(dockerfile, options.target or ""),
+        identity = BuildRecords.identity(options.dockerfile_path, options.context, options.target)
+        self.cache = StepCache(state_root / "cache", identity=identity,
                                compression=options.compression, no_cache=options.no_cache,
                                no_cache_stages=options.no_cache_stages, snapshots=self.snapshots, blobs=self.blobs,
                                progress=progress,
@@ -400,10 +400,8 @@ class StepContext:
                 if tree.present(rel, is_dir=True) and os.path.lexists(tree.root / rel):
                     digests.walk(tree, rel, chmod=False, out=files, prefix=prefix)
             secrets = solver.options.secrets
-            sources["secrets"] = sorted(mount.id or posixpath.basename((mount.target or "").rstrip("/"))
-                                        for mount in op.mounts if mount.type == "secret"
-                                        if (mount.id or posixpath.basename((mount.target or "").rstrip("/")))
-                                        in secrets)
+            given = (_secret_id(mount) for mount in op.mounts if mount.type == "secret")
+            sources["secrets"] = sorted(secret for secret in given if secret in secrets)
         elif isinstance(op, DirectoryOp):
             from builder.fs.context import BuildContext
 
@@ -748,7 +746,7 @@ class StepContext:
             size = mount_size(mount.size) if mount.size is not None else None
             return sandbox.TmpfsMount(target=_absolute(mount.target), size=size)
         # A secret: the last of the types check_mount lets through.
-        secret_id = mount.id or posixpath.basename((mount.target or "").rstrip("/"))
+        secret_id = _secret_id(mount)
         source_spec = self.solver.options.secrets.get(secret_id)
         if source_spec is None:
             if mount.required:
@@ -858,6 +856,11 @@ def sweep_stale_scratch(tmp_root: Path, unpacking: Path) -> None:
                 else:
                     entry.unlink(missing_ok=True)
 
+
+
+def _secret_id(mount: Mount) -> str:
+    """A secret mount's id: given, or as BuildKit takes it, the target's last name."""
+    return mount.id or posixpath.basename((mount.target or "").rstrip("/"))
 
 
 def _absolute(target: str | None) -> str:

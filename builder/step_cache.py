@@ -182,11 +182,15 @@ class StepCache:
             steps.append(CachedStep(key, stored.diff_id, LayerBlob(stored.digest, stored.size, stored.media_type)))
         write_cache(directory, steps, self.blobs)
 
-    def _previous_step(self, place: str, stage: Stage) -> Any:
+    def _previous_steps(self) -> dict[str, Any]:
+        """The previous build's record, read once, when first needed."""
         with self._lock:
             if self._previous is None:
                 self._previous = self.records.load(self.identity)
-            return self._previous.get(self._place(stage, place))
+            return self._previous
+
+    def _previous_step(self, place: str, stage: Stage) -> Any:
+        return self._previous_steps().get(self._place(stage, place))
 
     def rebuilding(self, place: str, stage: Stage) -> bool:
         """Whether the previous build of this Dockerfile and target had this step (a rebuild, not a first build)."""
@@ -206,9 +210,8 @@ class StepCache:
 
     def finish(self) -> None:
         """The build succeeded: its steps become what the next build of the same target compares with."""
+        previous = self._previous_steps()
         with self._lock:
-            if self._previous is None:
-                self._previous = self.records.load(self.identity)
-            steps, unchanged = self._current, self._current == self._previous
+            steps, unchanged = self._current, self._current == previous
         if not unchanged:  # a rebuild that hit every step need not write the same record again
             self.records.save(self.identity, steps)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Protocol
 
 from cache.index import LayerBlobs, StepIndex
-from cache.mounts import CacheMounts
+from cache.mounts import CacheMounts, process_alive
 from cache.records import BuildRecords
 
 
@@ -113,21 +113,11 @@ def sweep_temp_files(cache_root: Path) -> int:
             continue  # the mounts sweep their own
         for name in names:
             match = _TEMP.match(name)
-            if match and not _alive(int(match.group(1))):
+            if match and not process_alive(int(match.group(1))):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(directory, name))
                     removed += 1
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def free_unused(images: ImageStoreLike, snapshots: SnapshotsLike, cache_root: Path, *,

@@ -268,7 +268,7 @@ def _sweep(directory: Path) -> None:
         return
     for entry in entries:
         match = _TEMP.fullmatch(entry.name)
-        if match and not _alive(int(match.group(1))):
+        if match and not process_alive(int(match.group(1))):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
@@ -276,7 +276,7 @@ def _sweep(directory: Path) -> None:
                     os.unlink(entry.path)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     """Whether process ``pid`` exists (signal 0 checks without sending; no need for /proc)."""
     try:
         os.kill(pid, 0)

@@ -21,8 +21,15 @@ class BuildRecords:
         self.root = root / "builds"
 
     @staticmethod
-    def identity(dockerfile: str, target: str) -> str:
-        return hashlib.sha256(f"{dockerfile}\0{target}".encode("utf-8", "surrogateescape")).hexdigest()
+    def identity(dockerfile: Path | None, context: Path, target: str | None) -> str:
+        """Which Dockerfile and target a record is of: the file's absolute path (a Dockerfile read from
+        stdin counts as the context's ``Dockerfile``) and the target's name."""
+        path = str(dockerfile or context.resolve() / "Dockerfile")
+        return hashlib.sha256(f"{path}\0{target or ''}".encode("utf-8", "surrogateescape")).hexdigest()
+
+    def has(self, identity: str) -> bool:
+        """Whether a build of that Dockerfile and target left a record here."""
+        return (self.root / identity).is_file()
 
     def load(self, identity: str) -> dict[str, Any]:
         """The previous build's steps: place to {"key": ..., "inputs": ...}; empty when there was none."""

@@ -11,6 +11,7 @@ checked, only when a step hits on it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -157,8 +158,6 @@ def write_cache(directory: Path, steps: Iterable[CachedStep], blobs: BlobStore) 
 
 
 def _put_json(blob_dir: Path, value: Any) -> dict[str, Any]:
-    import hashlib
-
     data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     write_atomically(blob_dir / digest.removeprefix("sha256:"), data)
