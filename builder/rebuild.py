@@ -52,16 +52,12 @@ class RebuildOptions:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode("utf-8", "surrogateescape")).hexdigest()
 
 
-def _program_stamp() -> list:
-    """pybuild's own files, by their directories' times: a reinstall or an edit rewrites them."""
+def _program_stamp() -> str:
+    """pybuild's own source files: another version, a reinstall or an edit takes the full path."""
+    from cache.files import source_stamp
+
     here = Path(__file__).resolve().parents[1]
-    stamp = []
-    for package in _PACKAGES:
-        for directory, _, _ in os.walk(here / package):
-            if not directory.endswith("__pycache__"):
-                st = os.stat(directory)
-                stamp.append([directory, st.st_mtime_ns, st.st_ino])
-    return stamp
+    return hashlib.sha256(source_stamp(*(here / package for package in _PACKAGES))).hexdigest()
 
 
 def _stat(path: str) -> list[int] | None:

@@ -25,6 +25,20 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def source_stamp(*packages: Path) -> bytes:
+    """The source files of ``packages`` (and of packages below them) by name, size and mtime: what a cache of
+    results this code computed keys on, so that another version, a reinstall or an edit computes afresh."""
+    entries = []
+    for package in packages:
+        for directory, names, files in os.walk(package):
+            names[:] = sorted(name for name in names if name != "__pycache__")
+            for name in sorted(files):
+                if name.endswith((".py", ".lark")):
+                    st = os.stat(os.path.join(directory, name))
+                    entries.append((os.path.join(directory, name), st.st_size, st.st_mtime_ns))
+    return repr(entries).encode()
+
+
 class FileDigests:
     """Digests by absolute path and stat, loaded from and saved to one file (``ROOT/file-digests``)."""
 

@@ -9,26 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import pickle
 from pathlib import Path
 
 import parser as parser_package
+from cache.files import source_stamp
 from cache.index import write_atomically
 from parser.instructions import Dockerfile, parse
 
 _PARSER_DIR = Path(parser_package.__file__).parent
 
 
-def _parser_stamp() -> bytes:
-    entries = sorted((entry.name, entry.stat().st_size, entry.stat().st_mtime_ns) for entry in os.scandir(_PARSER_DIR)
-                     if entry.name.endswith((".py", ".lark")))
-    return repr(entries).encode()
-
-
 def parsed(source: bytes, filename: str, root: Path) -> Dockerfile:
     """``parse(source, filename)``, from ``ROOT/parsed`` when these bytes were parsed before."""
-    key = hashlib.sha256(_parser_stamp() + b"\0" + filename.encode("utf-8", "surrogateescape") + b"\0" + source)
+    name = filename.encode("utf-8", "surrogateescape")
+    key = hashlib.sha256(source_stamp(_PARSER_DIR) + b"\0" + name + b"\0" + source)
     path = root / "parsed" / key.hexdigest()
     try:
         with open(path, "rb") as file:
