@@ -77,6 +77,23 @@ class Pybuild:
         return archive
 
 
+def saved_base(tmp_path_factory: pytest.TempPathFactory, *tools: str) -> Path:
+    """busybox-base built once and saved as an archive, for module fixtures: a store that loads it (``loaded``)
+    starts with the base and an empty cache, without a build of its own."""
+    require_root()
+    require_tools(*tools)
+    harness = Pybuild(tmp_path_factory.mktemp("base-store"))
+    build_base(harness)
+    return harness.save("busybox-base", tmp_path_factory.mktemp("base") / "busybox-base.tar")
+
+
+def loaded(root: Path, archive: Path) -> Pybuild:
+    """A store at ``root`` holding only the images of ``archive``: nothing in its cache."""
+    store = Pybuild(root)
+    store.run("load", "-i", archive)
+    return store
+
+
 def build_base(pybuild: Pybuild) -> None:
     """examples/base into ``pybuild``'s store as busybox-base:latest, exactly as the README says."""
     pybuild.build(EXAMPLES / "base", "-t", "busybox-base", "--build-context", "busybox=/bin")

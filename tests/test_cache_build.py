@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from e2e import PYBUILD, Pybuild, build_base, require_root, require_tools
+from e2e import PYBUILD, Pybuild, loaded, saved_base
 
 pytestmark = pytest.mark.slow
 
@@ -29,18 +29,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def base_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """busybox-base built once and saved: each row loads it into a store of its own, which costs no build."""
-    require_root()
-    require_tools()
-    harness = Pybuild(tmp_path_factory.mktemp("cache-base-store"))
-    build_base(harness)
-    return harness.save("busybox-base", tmp_path_factory.mktemp("cache-base") / "busybox-base.tar")
+    return saved_base(tmp_path_factory)
 
 
-def fresh_store(root: Path, archive: Path) -> Pybuild:
-    """An empty store holding only the images of ``archive``: nothing in its cache."""
-    store = Pybuild(root)
-    store.run("load", "-i", archive)
-    return store
 
 
 # --- reading plain progress ---------------------------------------------------------------------------------
@@ -512,7 +503,7 @@ ROWS = [
 
 
 def new_project(tmp_path: Path, row: Row, archive: Path) -> Project:
-    project = Project(fresh_store(tmp_path / "store", archive), tmp_path / "context", tmp_path / "outside")
+    project = Project(loaded(tmp_path / "store", archive), tmp_path / "context", tmp_path / "outside")
     project.context.mkdir()
     project.outside.mkdir()
     write_files(project.context, {"Dockerfile": row.dockerfile, **row.files})
@@ -527,7 +518,7 @@ def cold_build(project: Project, context: Path, tmp_path: Path, images: tuple[st
     """``context`` built on a fresh store holding the same images as the row's store (its base as changed)."""
     saved = tmp_path / "cold-images.tar"
     project.store.run("save", "-o", saved, *images)
-    return fresh_store(tmp_path / "cold-store", saved).build(context, *args)
+    return loaded(tmp_path / "cold-store", saved).build(context, *args)
 
 
 @pytest.mark.parametrize("row", [pytest.param(row, id=row.name) for row in ROWS])

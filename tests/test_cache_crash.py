@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from e2e import PYBUILD, Pybuild, build_base, require_root, require_tools, run
+from e2e import PYBUILD, Pybuild, loaded, run, saved_base
 
 pytestmark = pytest.mark.slow
 
@@ -71,11 +71,7 @@ class Reference:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    require_root()
-    require_tools()
-    base = Pybuild(tmp_path_factory.mktemp("crash-base"))
-    build_base(base)
-    archive = base.save("busybox-base", tmp_path_factory.mktemp("crash-archive") / "busybox-base.tar")
+    archive = saved_base(tmp_path_factory)
     context = tmp_path_factory.mktemp("crash-project")
     (context / "Dockerfile").write_text(DOCKERFILE)
     (context / "a.txt").write_text("alpha\n")
@@ -83,7 +79,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     (context / "data.bin").write_bytes(random.Random(SEED).randbytes(3 << 20))  # incompressible: slow to pack
     digests, seconds = {}, {}
     for target in (GEN, FINAL):  # each on a fresh store, so nothing is cached
-        store = fresh_store(tmp_path_factory.mktemp("crash-cold"), archive)
+        store = loaded(tmp_path_factory.mktemp("crash-cold"), archive)
         started = time.monotonic()
         digests[target] = result(store.build(context, *target_args(target)))
         seconds[target] = time.monotonic() - started
@@ -92,11 +88,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     return Reference(archive, context, digests, seconds[FINAL])
 
 
-def fresh_store(root: Path, archive: Path) -> Pybuild:
-    """A store holding only the base image: nothing in its cache."""
-    store = Pybuild(root)
-    store.run("load", "-i", archive)
-    return store
 
 
 def target_args(target: str) -> list[str]:
@@ -307,7 +298,7 @@ def test_sigkill_at_random_moments_leaves_a_store_that_builds_the_right_image(re
     rng = random.Random(SEED)
     statuses = []
     for number, moment in enumerate(kill_moments(rng, reference.seconds, 8)):
-        store = fresh_store(tmp_path / f"store-{number}", reference.archive)
+        store = loaded(tmp_path / f"store-{number}", reference.archive)
         started = time.monotonic()
         process = start_build(store, reference.context, "-t", "crash", log=tmp_path / f"killed-{number}.log")
         statuses.append(kill_after(process, moment, started))
@@ -329,7 +320,7 @@ def test_sigkill_at_random_moments_leaves_a_store_that_builds_the_right_image(re
 @pytest.fixture
 def warm(reference: Reference, tmp_path: Path) -> Pybuild:
     """A store where the project was built once: every step is in its cache."""
-    store = fresh_store(tmp_path / "warm", reference.archive)
+    store = loaded(tmp_path / "warm", reference.archive)
     store.build(reference.context, "-t", "crash")
     return store
 
@@ -479,7 +470,7 @@ def run_together(store: Pybuild, context: Path, targets: Sequence[str], logs: Pa
                          ids=["two-same", "three-mixed", "four-mixed"])
 def test_builds_at_once_on_one_store_all_give_the_cold_image(reference: Reference, tmp_path: Path,
                                                               targets: tuple[str, ...]) -> None:
-    store = fresh_store(tmp_path / "store", reference.archive)
+    store = loaded(tmp_path / "store", reference.archive)
     texts = run_together(store, reference.context, targets, tmp_path / "logs")
     for target, text in zip(targets, texts, strict=True):
         assert RESULT.findall(text)[-1] == reference.digests[target], text
@@ -532,7 +523,7 @@ def layer_members(archive: Path) -> list[tuple[str, bytes]]:
 @pytest.mark.parametrize("sharing", ["locked", "shared"])
 def test_cache_mounts_shared_by_concurrent_builds(reference: Reference, tmp_path: Path, sharing: str) -> None:
     """locked: one build's RUN at a time; shared: both at once. The content stays between builds, out of images."""
-    store = fresh_store(tmp_path / "store", reference.archive)
+    store = loaded(tmp_path / "store", reference.archive)
     context = tmp_path / "context"
     context.mkdir()
     (context / "Dockerfile").write_text(MOUNT_DOCKERFILE.format(sharing=sharing))

@@ -16,14 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e import Pybuild, build_base, require_root, require_tools, run
+from e2e import Pybuild, loaded, require_root, run, saved_base
 from test_cache_build import (
     HIT,
     PARENT,
     RUN,
     assert_outcomes,
     dockerfile_order,
-    fresh_store,
     keyword,
     manifest_digest,
     miss,
@@ -56,11 +55,7 @@ BUILD_STEPS, FINAL_STEPS = 2, 4
 @pytest.fixture(scope="module")
 def base_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """busybox-base built once and saved, loaded into each fresh store (as test_cache_build does)."""
-    require_root()
-    require_tools("skopeo")
-    harness = Pybuild(tmp_path_factory.mktemp("transfer-base-store"))
-    build_base(harness)
-    return harness.save("busybox-base", tmp_path_factory.mktemp("transfer-base") / "busybox-base.tar")
+    return saved_base(tmp_path_factory, "skopeo")
 
 
 @dataclass(frozen=True)
@@ -80,7 +75,7 @@ def exported(base_archive: Path, tmp_path_factory: pytest.TempPathFactory) -> Ex
     context = work / "context"
     context.mkdir()
     write_files(context, FILES)
-    store = fresh_store(work / "store", base_archive)
+    store = loaded(work / "store", base_archive)
     min_dir, max_dir = work / "cache-min", work / "cache-max"
     done = store.build(context, *TARGET, "-t", "app", "--cache-to", f"type=local,dest={min_dir}",
                        "--cache-to", f"type=local,dest={max_dir},mode=max")
@@ -110,7 +105,7 @@ def blob_of(directory: Path, diff_id: str) -> Path:
 ])
 def test_a_fresh_store_builds_from_the_cache_dir(exported: Exported, base_archive: Path, tmp_path: Path,
                                                  mode: str, expected: tuple[str, ...]) -> None:
-    store = fresh_store(tmp_path / "store", base_archive)
+    store = loaded(tmp_path / "store", base_archive)
     directory = exported.min_dir if mode == "min" else exported.max_dir
     done = store.build(exported.context, *TARGET, "--cache-from", f"type=local,src={directory}")
     assert_outcomes(done, DOCKERFILE, expected)
@@ -158,7 +153,7 @@ def test_a_blob_gone_from_the_cache_dir_warns_and_its_step_runs(exported: Export
     directory = Path(shutil.copytree(exported.max_dir, tmp_path / "cache"))
     copied = exported.diff_ids[-3]  # the layer of final's COPY app.txt
     change(blob_of(directory, copied))
-    store = fresh_store(tmp_path / "store", base_archive)
+    store = loaded(tmp_path / "store", base_archive)
     done = store.build(exported.context, *TARGET, "--cache-from", f"type=local,src={directory}")
     warning = (f"[warning] --cache-from {directory}: the blob of layer {copied} is missing or damaged there; "
                "the step runs")
@@ -250,7 +245,7 @@ def store_state(root: Path) -> dict[str, object]:
 
 def test_a_dry_run_on_a_fresh_store_would_run_every_step_and_writes_nothing(exported: Exported, base_archive: Path,
                                                                           tmp_path: Path) -> None:
-    store = fresh_store(tmp_path / "store", base_archive)
+    store = loaded(tmp_path / "store", base_archive)
     before, images = store_state(store.root), store.run("images").stdout
     out = tmp_path / "out"
     done = store.build(exported.context, *TARGET, "--dry-run", "-t", "dry:1", "-o", f"type=oci,dest={out}/image.tar",
@@ -272,7 +267,7 @@ def test_a_dry_run_after_a_build_says_what_hits_and_why_the_rest_would_run(base_
     context = tmp_path / "context"
     context.mkdir()
     write_files(context, FILES)
-    store = fresh_store(tmp_path / "store", base_archive)
+    store = loaded(tmp_path / "store", base_archive)
     store.build(context, *TARGET)
     done = store.build(context, *TARGET, "--dry-run")
     assert planned(done, DOCKERFILE) == [CACHED] * 6, done.stderr
@@ -294,7 +289,7 @@ def test_a_dry_run_after_a_build_says_what_hits_and_why_the_rest_would_run(base_
 
 def test_a_dry_run_from_a_cache_dir_brings_nothing_in(exported: Exported, base_archive: Path,
                                                       tmp_path: Path) -> None:
-    store = fresh_store(tmp_path / "store", base_archive)
+    store = loaded(tmp_path / "store", base_archive)
     before = store_state(store.root)
     done = store.build(exported.context, *TARGET, "--dry-run", "--cache-from", f"type=local,src={exported.max_dir}")
     assert planned(done, DOCKERFILE) == [CACHED] * 6, done.stderr
@@ -306,7 +301,7 @@ def test_a_dry_run_does_not_count_on_a_blob_gone_from_the_cache_dir(exported: Ex
     """The build warns and runs the step whose blob the directory lost; the dry run must not call it cached."""
     directory = Path(shutil.copytree(exported.max_dir, tmp_path / "cache"))
     blob_of(directory, exported.diff_ids[-3]).unlink()  # final's COPY app.txt
-    store = fresh_store(tmp_path / "store", base_archive)
+    store = loaded(tmp_path / "store", base_archive)
     plan = planned(store.build(exported.context, *TARGET, "--dry-run", "--cache-from", f"type=local,src={directory}"),
                    DOCKERFILE)
     built = store.build(exported.context, *TARGET, "--cache-from", f"type=local,src={directory}")

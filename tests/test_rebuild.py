@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from e2e import Pybuild, build_base, require_root, require_tools
+from e2e import Pybuild, loaded, saved_base
 
 from builder.rebuild import NOTHING_CHANGED
 
@@ -31,11 +31,7 @@ FILES = {"src/main.c": "int main;\n", "src/util/u.c": "u\n", "a.txt": "a\n", "no
 
 @pytest.fixture(scope="module")
 def base_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require_root()
-    require_tools()
-    store = Pybuild(tmp_path_factory.mktemp("base-store"))
-    build_base(store)
-    return store.save("busybox-base", tmp_path_factory.mktemp("base") / "base.tar")
+    return saved_base(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +47,6 @@ def contexts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return made
 
 
-def fresh(root: Path, archive: Path) -> Pybuild:
-    store = Pybuild(root)
-    store.run("load", "-i", archive)
-    return store
 
 
 def write_context(context: Path, files: dict[str, str], dockerfile: str = DOCKERFILE) -> None:
@@ -143,7 +135,7 @@ ROWS = [
 def test_a_rebuild_is_fast_only_when_nothing_it_reads_changed(row: Row, base_archive: Path, contexts: dict[str, Path],
                                                              tmp_path: Path) -> None:
     context = contexts[row.name]
-    store = fresh(tmp_path / "store", base_archive)
+    store = loaded(tmp_path / "store", base_archive)
     store.build(context, "-t", "app")
     again = store.build(context, "-t", "app")
     assert NOTHING_CHANGED in again.stderr, again.stderr  # the record of the first build serves the second
@@ -153,7 +145,7 @@ def test_a_rebuild_is_fast_only_when_nothing_it_reads_changed(row: Row, base_arc
     rebuilt = store.build(context, "-t", "app", *row.args)
     assert (NOTHING_CHANGED in rebuilt.stderr) == row.fast, rebuilt.stderr
 
-    cold_store = fresh(tmp_path / "cold-store", base_archive)
+    cold_store = loaded(tmp_path / "cold-store", base_archive)
     if row.change is retag_base:
         retag_base(context, cold_store)
     cold = cold_store.build(context, "-t", "app", *row.args)
@@ -164,7 +156,7 @@ def test_a_fresh_checkout_is_not_trusted_by_stat(base_archive: Path, tmp_path: P
     """Files written within two seconds of a build may change again without their stat showing it."""
     context = tmp_path / "context"
     write_context(context, FILES)  # written now: even with old mtimes, their ctime is now
-    store = fresh(tmp_path / "store", base_archive)
+    store = loaded(tmp_path / "store", base_archive)
     store.build(context, "-t", "app")
     again = store.build(context, "-t", "app")
     assert NOTHING_CHANGED not in again.stderr and again.stderr.count(" CACHED") == 4
@@ -173,7 +165,7 @@ def test_a_fresh_checkout_is_not_trusted_by_stat(base_archive: Path, tmp_path: P
 def test_outputs_and_no_cache_always_take_the_full_path(base_archive: Path, contexts: dict[str, Path],
                                                         tmp_path: Path) -> None:
     context = contexts["outputs"]
-    store = fresh(tmp_path / "store", base_archive)
+    store = loaded(tmp_path / "store", base_archive)
     store.build(context, "-t", "app")
     for args in (("--no-cache",), ("-o", f"type=oci,dest={tmp_path / 'out.tar'}"),
                  ("--iidfile", str(tmp_path / "iid")), ("--secret", f"id=s,src={context / 'a.txt'}")):
