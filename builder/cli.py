@@ -506,27 +506,26 @@ def cache_prune(store_root: Path, all_: bool, keep_storage: str | None, filters:
 @cache.command("du")
 @click.pass_obj
 def cache_du(store_root: Path) -> None:
-    """Show what the build cache holds: entries, and the layers only it keeps."""
+    """Show what the build cache holds, and what `pybuild cache prune` would free."""
     from builder.fs.snapshot import Snapshots
     from builder.oci.store import ImageStore
-    from cache.gc import cached_layers
-    from cache.index import StepIndex
+    from builder.sandbox.namespace import enter_build_namespace
+    from cache.gc import cache_usage
+    from cache.mounts import CacheMounts
 
     root = _store_root(store_root)
-    entries = len(StepIndex(root / "cache").stored_keys())
-    layers, blobs = cached_layers(root / "cache")
-    used = {layer.diff_id for stored in ImageStore(root).list() for layer in stored.image.layers}
-    only_cache = layers - used
-    snapshots = Snapshots(root / "snapshots")
-    snapshot_bytes = sum(snapshots.size(diff_id) for diff_id in only_cache if snapshots.has(diff_id))
-    blob_bytes = sum(path.stat().st_size for digest in blobs
-                     if (path := ImageStore(root).blobs.path(digest)).exists())
-    click.echo(f"{'KIND':<22}{'COUNT':>8}{'SIZE':>12}")
-    click.echo(f"{'cache entries':<22}{entries:>8}{'':>12}")
-    click.echo(f"{'layers only cached':<22}{len(only_cache):>8}{_size(snapshot_bytes):>12}")
-    click.echo(f"{'cached layer blobs':<22}{len(blobs):>8}{_size(blob_bytes):>12}")
-    click.echo(f"Reclaimable by `pybuild cache prune`: {_size(snapshot_bytes)} of unpacked layers and the blobs "
-               "no image uses")
+    enter_build_namespace()  # a rootless store's layers hold files of the namespace's users, to be measured
+    images = ImageStore(root)
+    usage = cache_usage(images, Snapshots(root / "snapshots"), images.blobs.size_of, root / "cache")
+    layers = [size for _, _, size in usage.entries if size]
+    mounts = CacheMounts(root / "cache" / "mounts").usage()
+    mount_bytes = sum(mount.size for mount in mounts)
+    click.echo(f"{'KIND':<30}{'COUNT':>8}{'SIZE':>12}")
+    click.echo(f"{'cache entries':<30}{len(usage.entries):>8}{'':>12}")
+    click.echo(f"{'layers only the cache keeps':<30}{len(layers):>8}{_size(usage.total):>12}")
+    click.echo(f"{'cache mounts':<30}{len(mounts):>8}{_size(mount_bytes):>12}")
+    click.echo(f"Reclaimable: {_size(usage.total)} by `pybuild cache prune`, {_size(usage.total + mount_bytes)} "
+               "with --all")
 
 
 @cli.command()
