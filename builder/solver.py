@@ -200,6 +200,7 @@ class Solver:
             raise
         finally:
             self.interpreters.close()
+            self.cache.flush()
             self.cache.file_digests.save()
         pool.shutdown(wait=True)
         self.pending_layers.close()

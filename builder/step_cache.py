@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,6 +63,10 @@ class StepCache:
         self._current: dict[str, Any] = {}
         self._made: dict[str, tuple[int, str, Layer | None]] = {}  # place: stage index, key, layer
         self._lock = threading.Lock()
+        # Step records are written off the steps' path; until written, lookups find them here.
+        self._unwritten: dict[str, StepResult] = {}
+        self._writes: list[Future[None]] = []
+        self._writer: ThreadPoolExecutor | None = None
 
     def refused(self, stage: Stage) -> MissCause | None:
         """Why this stage may not use the cache, if the command line says so."""
@@ -72,7 +77,10 @@ class StepCache:
         return None
 
     def lookup(self, key: str) -> Hit | None:
-        result = self.index.get(key)
+        with self._lock:
+            result = self._unwritten.get(key)
+        if result is None:
+            result = self.index.get(key)
         if result is None:
             result = self._from_sources(key)
         if result is None:
@@ -147,7 +155,29 @@ class StepCache:
             return False
 
     def store(self, key: str, layer: Layer | None) -> None:
-        self.index.put(key, StepResult(None if layer is None else layer.diff_id))
+        """Record what a step made; written on a thread of its own (``flush`` waits for it), so a cold build's
+        many small steps do not each wait for a file to be made and renamed."""
+        result = StepResult(None if layer is None else layer.diff_id)
+        with self._lock:
+            self._unwritten[key] = result
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="records")
+            self._writes.append(self._writer.submit(self._write_step, key, result))
+
+    def _write_step(self, key: str, result: StepResult) -> None:
+        self.index.put(key, result)
+        with self._lock:
+            self._unwritten.pop(key, None)
+
+    def flush(self) -> None:
+        """Wait until every step record of this build is written (also after a failed build: the steps that
+        succeeded stay cached); the first error writing one is raised."""
+        with self._lock:
+            writer, writes, self._writer, self._writes = self._writer, self._writes, None, []
+        if writer is not None:
+            writer.shutdown(wait=True)
+        for write in writes:
+            write.result()
 
     def layer_written(self, layer: Layer) -> None:
         """A layer's blob is in the blob store: later hits on it need not write it again."""
