@@ -45,6 +45,9 @@ class BuildRequest:
     cache_from: tuple[Mapping[str, str], ...] = ()
     cache_to: tuple[Mapping[str, str], ...] = ()
     dry_run: bool = False
+    pull: bool = False
+    push: bool = False  # --push: every name (-t, and type=image's) is pushed to its registry
+    insecure_registries: tuple[str, ...] = ()  # --insecure-registry hosts
     rebuild: RebuildOptions | None = None  # set where a rebuild with nothing changed may skip the builder
 
 
@@ -84,7 +87,7 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                 named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
                 dockerfile_path=request.dockerfile_path, no_cache=request.no_cache,
                 no_cache_stages=request.no_cache_stages, cache_from=request.cache_from, cache_to=request.cache_to,
-                dry_run=request.dry_run,
+                dry_run=request.dry_run, pull=request.pull, insecure_registries=request.insecure_registries,
             )
             solver = Solver(graph, options, progress, root, interpreter)
             image = solver.solve()
@@ -94,9 +97,12 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                                  "would run; nothing was run or stored")
                 return BuildResult("", "", ())
             names = tuple(request.tags)
+            pushed_names = names if request.push else ()
             for output in request.outputs:
-                if output.get("type") == "image" and output.get("name"):
+                if output.get("type") in ("image", "registry") and output.get("name"):
                     names += tuple(output["name"].split(","))
+                    if output["type"] == "registry" or output.get("push") == "true":
+                        pushed_names += tuple(output["name"].split(","))
             manifest = solver.store.write_image(image, names)
             image_id = sha256_digest(config_json(image))  # docker's image ID: the config blob write_image stored
             for output in request.outputs:
@@ -110,6 +116,16 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                     write_oci_archive(solver.store, [(gzipped, names)], Path(output["dest"]))
                 elif kind == "local":
                     write_rootfs(solver.store, image, Path(output["dest"]))
+            pushed = None
+            if pushed_names:
+                from builder.registry.push import push
+                from builder.registry.reference import insecure_hosts
+
+                stored = solver.store.resolve(manifest.digest)
+                for name in dict.fromkeys(pushed_names):
+                    pushed = push(solver.store, stored, name, insecure=insecure_hosts(request.insecure_registries),
+                                  report=progress.message)
+                    progress.message(f"pushed {pushed.reference}: {pushed.digest} ({pushed.size} bytes)")
             if request.iidfile:
                 _write_text(request.iidfile, image_id)
             if request.metadata_file:
@@ -117,6 +133,12 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                             "containerimage.descriptor": manifest.to_json()}
                 if names:
                     metadata["image.name"] = ",".join(names)
+                if solver.base_images:
+                    metadata["pybuild.base-images"] = dict(solver.base_images)
+                if pushed is not None:
+                    from builder.registry.reference import parse_remote
+
+                    metadata["containerimage.pushed"] = ",".join(str(parse_remote(name)) for name in pushed_names)
                 _write_text(request.metadata_file, json.dumps(metadata, indent=2))
             progress.result(image_id, manifest.digest, names)
             if request.rebuild is not None and not solver.cache.unrecorded_inputs:

@@ -199,15 +199,25 @@ def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
     for text in values:
         fields = _options(text, "--output") if "=" in text else {"type": "local", "dest": text}
         kind = fields.get("type")
-        if kind not in ("oci", "local", "docker", "image"):
-            raise PybuildError(f"--output {text!r}: type={kind} is not supported (oci, docker, local or image)")
-        if kind != "image" and not fields.get("dest"):
+        if kind not in ("oci", "local", "docker", "image", "registry"):
+            raise PybuildError(f"--output {text!r}: type={kind} is not supported (oci, docker, local, image or "
+                               "registry)")
+        if kind in ("image", "registry"):
+            if kind == "registry" and not fields.get("name"):
+                raise PybuildError(f"--output {text!r}: name= is required (the reference to push to)")
+            if fields.get("push", "false") not in ("true", "false"):
+                raise PybuildError(f"--output {text!r}: push= is true or false")
+        elif not fields.get("dest"):
             raise PybuildError(f"--output {text!r}: dest= is required")
-        unknown = set(fields) - {"type", "dest", "name"}
+        known = {"type", "name", "push"} if kind in ("image", "registry") else {"type", "dest", "name"}
+        unknown = set(fields) - known
         if unknown:
             raise PybuildError(f"--output {text!r}: option {sorted(unknown)[0]!r} is not supported")
         outputs.append(fields)
     return outputs
+
+
+_INSECURE_HELP = "Allow plain HTTP to this registry host (loopback hosts and registries.conf's insecure ones are)."
 
 
 @cli.command()
@@ -242,12 +252,16 @@ def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
 @click.option("--compression", type=click.Choice(["zstd", "gzip"]), default=None,
               help="Layer compression: zstd (default), or gzip for old clients (the default with type=docker).")
 @click.option("--platform", help="Target platform; only this machine's is supported so far.")
+@click.option("--pull", is_flag=True, help="Ask the registry for every FROM image, even those the store has.")
+@click.option("--push", is_flag=True, help="Push the image to the registry of each -t name.")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST", help=_INSECURE_HELP)
 @click.pass_obj
 def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ...], build_args: tuple[str, ...],
           target: str | None, no_cache: bool, no_cache_filter: tuple[str, ...], cache_from: tuple[str, ...],
           cache_to: tuple[str, ...], dry_run: bool, progress: str, quiet: bool, outputs: tuple[str, ...],
           iidfile: Path | None, metadata_file: Path | None, secrets: tuple[str, ...], network: str,
-          build_contexts: tuple[str, ...], compression: str | None, platform: str | None) -> None:
+          build_contexts: tuple[str, ...], compression: str | None, platform: str | None, pull: bool, push: bool,
+          insecure: tuple[str, ...]) -> None:
     """Build an image from the Dockerfile in CONTEXT."""
     try:
         if not stat.S_ISDIR(context.stat().st_mode):
@@ -279,8 +293,10 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     # A first build: its first RUN's sandbox boots on the other core while the builder loads.
     interpreter = None if dry_run or built_before else _start_sandbox_early(source)
     rebuild = None  # where a rebuild may be given without the builder: what it must find unchanged
+    if push and not tags:
+        raise PybuildError("--push needs a name to push to: give one with -t")
     if not (dry_run or no_cache or no_cache_filter or parsed_outputs or cache_sources or cache_targets or iidfile
-            or metadata_file or build_contexts or secrets or dockerfile_path is None):
+            or metadata_file or build_contexts or secrets or dockerfile_path is None or pull or push):
         from builder.rebuild import RebuildOptions, fast_rebuild
 
         rebuild = RebuildOptions(
@@ -318,6 +334,9 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
             no_cache=no_cache,
             cache_from=cache_sources,
             dry_run=dry_run,
+            pull=pull,
+            push=push,
+            insecure_registries=insecure,
             rebuild=rebuild,
             cache_to=cache_targets,
             no_cache_stages=frozenset(name.strip() for text in no_cache_filter for name in text.split(",")
@@ -571,6 +590,141 @@ def load(store_root: Path, archive: Path) -> None:
         # unpacked before any is named: an image whose layers cannot be unpacked is never listed
         for name in store.load_archive(archive, unpack=lambda image: unpack_layers(snapshots, store.blobs, image)):
             click.echo(f"Loaded image: {name}")
+
+
+def _say(line: str) -> None:
+    click.echo(line, err=True)
+
+
+@cli.command()
+@click.argument("reference")
+@click.option("--platform", help="The platform to pull from a multi-platform image (default: this machine's).")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST", help=_INSECURE_HELP)
+@click.option("-q", "--quiet", is_flag=True, help="Print only the image's name.")
+@click.pass_obj
+def pull(store_root: Path, reference: str, platform: str | None, insecure: tuple[str, ...], quiet: bool) -> None:
+    """Pull an image from a registry into the local store (its layers are unpacked, as after load)."""
+    from builder.fs.snapshot import Snapshots
+    from builder.oci.store import ImageStore
+    from builder.registry.pull import pull as pull_image
+    from builder.registry.reference import insecure_hosts
+    from builder.sandbox.namespace import enter_build_namespace
+    from builder.solver import unpack_layers
+    from cache.leases import shared_lease
+
+    root = _store_root(store_root)
+    hosts = insecure_hosts(insecure)
+    enter_build_namespace()  # unpacking makes overlay whiteouts, which a rootless user may only make in it
+    store = ImageStore(root)
+    snapshots = Snapshots(root / "snapshots")
+    with shared_lease(root):
+        pulled = pull_image(store, reference, insecure=hosts, platform=platform,
+                            report=None if quiet else _say,
+                            unpack=lambda image: unpack_layers(snapshots, store.blobs, image))
+    if not quiet:
+        click.echo(f"Digest: {pulled.digest}")
+    click.echo(str(pulled.reference))
+
+
+@cli.command()
+@click.argument("image")
+@click.argument("destination", required=False)
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST", help=_INSECURE_HELP)
+@click.option("--compression", type=click.Choice(["zstd", "gzip"]), default=None,
+              help="Push with layers in this compression (gzip for registries and clients without zstd).")
+@click.pass_obj
+def push(store_root: Path, image: str, destination: str | None, insecure: tuple[str, ...],
+         compression: str | None) -> None:
+    """Push IMAGE of the local store to a registry: to the reference IMAGE names, or to DESTINATION."""
+    from builder.oci.store import ImageStore
+    from builder.registry.reference import insecure_hosts
+    from cache.leases import shared_lease
+
+    root = _store_root(store_root)
+    store = ImageStore(root)
+    with shared_lease(root):
+        _push_image(store, store.resolve(image), destination or image, insecure_hosts(insecure), compression)
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("target")
+@click.pass_obj
+def tag(store_root: Path, source: str, target: str) -> None:
+    """Give the image SOURCE refers to the name TARGET too."""
+    from builder.oci.store import ImageStore
+
+    store = ImageStore(_store_root(store_root))
+    store.tag(source, target)
+
+
+def _push_image(store, stored, reference: str, insecure: frozenset[str], compression: str | None):
+    """Push and say so as docker push does: ``TAG: digest: sha256:... size: N``."""
+    from builder.registry.push import push as push_image
+
+    if compression == "gzip":
+        from builder.oci.exporter import with_gzip_layers
+
+        stored = store.resolve(store.write_image(with_gzip_layers(store, stored.image), ()).digest)
+    elif compression == "zstd" and any(not layer.media_type.endswith("+zstd") for layer in stored.image.layers):
+        raise PybuildError("--compression=zstd: the image has layers in another compression, and pybuild "
+                           "converts layers only to gzip so far", hint="push it without --compression")
+    pushed = push_image(store, stored, reference, insecure=insecure, report=_say)
+    click.echo(f"{pushed.reference.tag}: digest: {pushed.digest} size: {pushed.size}")
+    return pushed
+
+
+@cli.command()
+@click.argument("server", default="")
+@click.option("-u", "--username", help="The user name.")
+@click.option("-p", "--password", help="The password (visible to other users of this machine: prefer "
+              "--password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from standard input.")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST", help=_INSECURE_HELP)
+def login(server: str, username: str | None, password: str | None, password_stdin: bool,
+          insecure: tuple[str, ...]) -> None:
+    """Log in to a registry (Docker Hub when SERVER is omitted); the login is kept in docker's config.json."""
+    from builder.registry.auth import Credentials, store_credentials
+    from builder.registry.client import Registry
+    from builder.registry.reference import insecure_hosts, parse_remote, registry_of
+
+    registry = registry_of(server)
+    if password is not None and password_stdin:
+        raise PybuildError("--password and --password-stdin exclude each other")
+    if password is not None:
+        click.echo("WARNING! Using --password via the CLI is insecure. Use --password-stdin.", err=True)
+    if password_stdin:
+        if not username:
+            raise PybuildError("--password-stdin needs --username")
+        password = sys.stdin.read().rstrip("\r\n")
+    if not username:
+        username = click.prompt("Username")
+    if password is None:
+        password = click.prompt("Password", hide_input=True)
+    if not password:
+        raise PybuildError("the password is empty")
+    credentials = Credentials(username, password)
+    api_host = parse_remote(f"{registry}/probe").api_host
+    client = Registry(registry, api_host, insecure_hosts(insecure), credentials=credentials)
+    client.verify_login()
+    path = store_credentials(registry, credentials)
+    click.echo("Login Succeeded")
+    if not password_stdin:
+        click.echo(f"the login is kept in {path}", err=True)
+
+
+@cli.command()
+@click.argument("server", default="")
+def logout(server: str) -> None:
+    """Forget the login for a registry (Docker Hub when SERVER is omitted)."""
+    from builder.registry.auth import erase_credentials
+    from builder.registry.reference import registry_of
+
+    registry = registry_of(server)
+    if erase_credentials(registry):
+        click.echo(f"Removing login credentials for {registry}")
+    else:
+        click.echo(f"Not logged in to {registry}")
 
 
 @cli.command()

@@ -78,6 +78,8 @@ class BuildOptions:
     cache_from: tuple[Mapping[str, str], ...] = ()  # --cache-from type=local,src=DIR
     cache_to: tuple[Mapping[str, str], ...] = ()  # --cache-to type=local,dest=DIR[,mode=min|max]
     dry_run: bool = False  # say which steps hit and which would run, and run none
+    pull: bool = False  # --pull: ask the registry for every FROM image, even one the store has
+    insecure_registries: tuple[str, ...] = ()  # --insecure-registry: hosts plain HTTP is allowed for
 
 
 def _cache_sources(specs: tuple[Mapping[str, str], ...]) -> tuple:
@@ -142,6 +144,8 @@ class Solver:
         self.futures: dict[int, Future[oci.Image]] = {}
         self.unplanned_stages: set[int] = set()  # --dry-run: stages with a step that would run
         self.failed = threading.Event()
+        self.base_images: dict[str, str] = {}  # FROM reference: the digest it resolved to (name@sha256:...)
+        self._pull_lock = threading.Lock()
         identity = BuildRecords.identity(options.dockerfile_path, options.context, options.target)
         self.cache = StepCache(state_root / "cache", identity=identity,
                                compression=options.compression, no_cache=options.no_cache,
@@ -527,7 +531,7 @@ class StepContext:
             elif reference.startswith("oci-layout:"):
                 image = store.read_image_from_layout(reference.removeprefix("oci-layout:"))
             else:
-                image = store.resolve(reference).image
+                image = self._stored_or_pulled(reference)
             if not dry_run:
                 unpack_layers(self.solver.snapshots, self.solver.blobs, image)
         except PybuildError as exc:
@@ -537,6 +541,43 @@ class StepContext:
             raise PybuildError(f"image {reference} is for {image.os}/{image.architecture}; this machine runs "
                                f"{os_name}/{arch}", where)
         return image
+
+    def _stored_or_pulled(self, reference: str) -> oci.Image:
+        """The image the store has under ``reference``, else (or with --pull) the one its registry has."""
+        from builder.oci.store import ImageNotFound
+
+        solver = self.solver
+        options = solver.options
+        pullable = _pullable(reference)
+        if not (options.pull and pullable):
+            try:
+                stored = solver.store.resolve(reference)
+            except ImageNotFound:
+                if not pullable:
+                    raise
+            else:
+                solver.base_images.setdefault(reference, f"{reference.split('@')[0]}@{stored.manifest.digest}")
+                return stored.image
+        if options.dry_run:
+            raise _StageRunsFirst(f"{reference} is pulled when the build runs")
+        from builder.registry.pull import pull
+        from builder.registry.reference import insecure_hosts
+
+        with solver._pull_lock:  # stages FROM the same image pull it once
+            if reference in solver.base_images:
+                return solver.store.resolve(solver.base_images[reference].rsplit("@", 1)[1]).image
+            try:
+                pulled = pull(solver.store, reference, insecure=insecure_hosts(options.insecure_registries),
+                              report=solver.progress.message)
+            except PybuildError as exc:
+                local = "" if options.pull else "is not in the local store, and "
+                raise PybuildError(f"image {reference!r} {local}pulling it failed: {exc.message}",
+                                   hint=exc.hint) from None
+            resolved = f"{pulled.reference.registry}/{pulled.reference.repository}@{pulled.digest}"
+            solver.base_images[reference] = resolved
+        solver.progress.message(f"FROM {reference}: {resolved}")
+        solver.cache.unrecorded_inputs = solver.cache.unrecorded_inputs or options.pull
+        return pulled.image.image
 
     @contextlib.contextmanager
     def mounted_image(self, image: oci.Image) -> Iterator[Path]:
@@ -800,6 +841,14 @@ class StepContext:
 
             path = make_directory(path, mount.source, owner=(uid, gid))
         return sandbox.BindMount(source=path, target=_absolute(mount.target), readonly=bool(mount.readonly))
+
+
+def _pullable(reference: str) -> bool:
+    """A reference a registry could serve: a name (with a tag or digest), not an image ID."""
+    from builder.oci.store import _HEX_PREFIX, _REFERENCE
+
+    return bool(_REFERENCE.fullmatch(reference)) and not (
+        reference.startswith("sha256:") or len(reference) == 64 and _HEX_PREFIX.fullmatch(reference))
 
 
 def unpack_layers(snapshots, blobs, image: oci.Image) -> None:

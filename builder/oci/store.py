@@ -97,6 +97,10 @@ _HEX_PREFIX = re.compile(r"(?:sha256:)?([0-9a-f]{1,64})")
 _DOCKER_HUB = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
 
+class ImageNotFound(PybuildError):
+    """The store has no image by that reference (a build may then pull it)."""
+
+
 @dataclass
 class Reference:
     """A parsed image reference: ``name`` in familiar ``repository:tag`` form, and/or a manifest digest."""
@@ -287,8 +291,14 @@ class ImageStore:
         return _plain(descriptor)
 
     def _load(self, manifest: Descriptor, names: tuple[str, ...], source: str | None = None) -> StoredImage:
-        """The image a manifest describes; ``source`` (an archive or layout, else the store) names it in errors."""
+        """The image a manifest describes; ``source`` (an archive or layout, else the store) names it in errors.
+
+        An index entry (a multi-platform image as pulled) stands for its manifest of this platform, or else
+        of the platform that was pulled: only that one's blobs are stored.
+        """
         source = source or str(self.root)
+        if manifest.media_type in _INDEX_TYPES:
+            manifest = self._stored_platform(manifest, source)
         label = f"{source}: manifest {manifest.digest}"
         media_type, config, layer_descriptors = manifest_from_json(self._small_blob(manifest.digest, label), label)
         media_type = media_type or manifest.media_type
@@ -300,6 +310,46 @@ class ImageStore:
         media_type = manifest.media_type or media_type
         descriptor = Descriptor(media_type, manifest.digest, manifest.size, platform=manifest.platform)
         return StoredImage(descriptor, image, names, config.digest)
+
+    def _stored_platform(self, entry: Descriptor, source: str, depth: int = 0) -> Descriptor:
+        """Of a stored image index, the manifest of this machine's platform if stored, else the one stored."""
+        label = f"{source}: image index {entry.digest}"
+        if depth >= MAX_INDEX_DEPTH:
+            raise PybuildError(f"{label} nests more than {MAX_INDEX_DEPTH} indexes deep")
+        children = [child for child in index_from_json(self._small_blob(entry.digest, label), label)
+                    if self.blobs.has(child.digest)]
+        if not children:
+            raise PybuildError(f"{label} has none of its manifests in the store",
+                               hint="pull the image again")
+        os_name, arch, _ = host_platform()
+        chosen = next((child for child in children if (dict(child.platform).get("os"),
+                                                       dict(child.platform).get("architecture")) == (os_name, arch)),
+                      children[0])
+        if chosen.media_type in _INDEX_TYPES:
+            return self._stored_platform(chosen, source, depth + 1)
+        return chosen
+
+    def load_manifest(self, manifest: Descriptor, source: str) -> StoredImage:
+        """The image of a stored manifest, not yet named (a pull unpacks it before naming it)."""
+        return self._load(_plain(manifest), (), source)
+
+    def tag(self, reference: str, name: str) -> None:
+        """Give the image ``reference`` refers to the name ``name`` too (its other names stay)."""
+        normalized = normalize_name(name)
+
+        def change(entries: list[Descriptor]) -> list[Descriptor]:
+            digest = self._find(reference, entries)
+            target = _plain(next(entry for entry in entries if entry.digest == digest))
+            kept = [entry for entry in entries if _ref_name(entry) != normalized
+                    and not (entry.digest == digest and _ref_name(entry) is None)]
+            return [*kept, _named(target, normalized)]
+
+        self._update_index(change)
+
+    def name_entry(self, entry: Descriptor, names: Sequence[str]) -> None:
+        """Name a manifest or index whose blobs are all stored (an image just pulled); no names keeps it unnamed."""
+        normalized = [normalize_name(name) for name in names]
+        self._update_index(lambda entries: retag(entries, _plain(entry), normalized))
 
     @staticmethod
     def _layer(descriptor: Descriptor, label: str) -> Layer:
@@ -352,13 +402,19 @@ class ImageStore:
                 raise PybuildError(f"image ID prefix {reference!r} matches {len(found)} images; give more digits")
         if parsed is None and prefix is None:
             parse_reference(reference)  # raises the reference syntax error
-        raise PybuildError(f"image {reference!r} is not in the local store {self.root}",
+        raise ImageNotFound(f"image {reference!r} is not in the local store {self.root}",
                            hint="build it with -t NAME, or `pybuild load -i ARCHIVE` (for example one made with "
                                 "`skopeo copy docker://IMAGE oci-archive:FILE.tar:IMAGE`)")
 
     def _config_digest(self, manifest_digest: str) -> str:
         label = f"{self.root}: manifest {manifest_digest}"
-        return manifest_from_json(self._small_blob(manifest_digest, label), label)[1].digest
+        data = self._small_blob(manifest_digest, label)
+        if b'"manifests"' in data and b'"config"' not in data:  # a pulled image index
+            entry = Descriptor(MEDIA_INDEX, manifest_digest, len(data))
+            manifest_digest = self._stored_platform(entry, str(self.root)).digest
+            label = f"{self.root}: manifest {manifest_digest}"
+            data = self._small_blob(manifest_digest, label)
+        return manifest_from_json(data, label)[1].digest
 
     def list(self) -> list[StoredImage]:
         """Every image once, with all its names, newest first (for ``pybuild images``)."""
