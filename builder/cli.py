@@ -171,23 +171,22 @@ def _secrets(values: tuple[str, ...]):
 
 
 def _cache_specs(values: tuple[str, ...], flag: str) -> tuple[dict[str, str], ...]:
-    """--cache-from type=local,src=DIR and --cache-to type=local,dest=DIR[,mode=min|max]; other kinds are named."""
-    path_key = "src" if flag == "--cache-from" else "dest"
-    allowed = {"type", path_key} | ({"mode"} if flag == "--cache-to" else set())
+    """--cache-from type=local,src=DIR|type=registry,ref=REF and --cache-to type=local,dest=DIR|type=registry,
+    ref=REF[,mode=min|max]; other kinds and options are named."""
     specs = []
     for text in values:
-        if "=" not in text:
-            raise PybuildError(f"{flag} {text!r}: a registry cache is not supported by pybuild yet",
-                               hint=f"use {flag} type=local,{path_key}=DIR")
-        fields = _options(text, flag)
+        fields = _options(text, flag) if "=" in text else {"type": "registry", "ref": text}
         kind = fields.get("type", "")
-        if kind != "local":
-            raise PybuildError(f"{flag} {text!r}: type={kind} is not supported by pybuild yet (only type=local)")
+        if kind not in ("local", "registry"):
+            raise PybuildError(f"{flag} {text!r}: type={kind} is not supported by pybuild (type=local or "
+                               "type=registry)")
+        where = "ref" if kind == "registry" else "src" if flag == "--cache-from" else "dest"
+        allowed = {"type", where} | ({"mode"} if flag == "--cache-to" else set())
         unknown = sorted(set(fields) - allowed)
         if unknown:
             raise PybuildError(f"{flag} {text!r}: option {unknown[0]!r} is not supported")
-        if not fields.get(path_key):
-            raise PybuildError(f"{flag} {text!r}: {path_key}= is required")
+        if not fields.get(where):
+            raise PybuildError(f"{flag} {text!r}: {where}= is required")
         if fields.get("mode", "min") not in ("min", "max"):
             raise PybuildError(f"{flag} {text!r}: mode must be min or max")
         specs.append(fields)
@@ -229,10 +228,12 @@ _INSECURE_HELP = "Allow plain HTTP to this registry host (loopback hosts and reg
 @click.option("--no-cache", is_flag=True, help="Do not use the cache when building the image.")
 @click.option("--no-cache-filter", "no_cache_filter", multiple=True, metavar="STAGE[,STAGE]",
               help="Do not use the cache for these stages (names or indexes).")
-@click.option("--cache-from", "cache_from", multiple=True, metavar="type=local,src=DIR",
-              help="Use the build cache a --cache-to wrote into DIR.")
-@click.option("--cache-to", "cache_to", multiple=True, metavar="type=local,dest=DIR[,mode=min|max]",
-              help="Write this build's cache into DIR (mode=max: every stage's steps, not only the image's).")
+@click.option("--cache-from", "cache_from", multiple=True, metavar="type=local,src=DIR|type=registry,ref=REF",
+              help="Use the build cache a --cache-to wrote into DIR or pushed to REF.")
+@click.option("--cache-to", "cache_to", multiple=True,
+              metavar="type=local,dest=DIR|type=registry,ref=REF[,mode=min|max]",
+              help="Write this build's cache into DIR or push it to REF (mode=max: every stage's steps, not only "
+                   "the image's).")
 @click.option("--dry-run", "dry_run", is_flag=True,
               help="Say which steps the cache has and why the others would run; run, write and store nothing.")
 @click.option("--progress", type=click.Choice(["auto", "plain", "tty", "quiet", "json"]), default="auto",
@@ -276,7 +277,8 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     parsed_outputs = _outputs(outputs)
     cache_sources, cache_targets = _cache_specs(cache_from, "--cache-from"), _cache_specs(cache_to, "--cache-to")
     for spec in cache_targets:
-        _check_writable(Path(spec["dest"]), "--cache-to", directory=True)
+        if spec["type"] == "local":
+            _check_writable(Path(spec["dest"]), "--cache-to", directory=True)
     for output in parsed_outputs:
         if output.get("dest"):
             _check_writable(Path(output["dest"]), f"--output type={output['type']}",

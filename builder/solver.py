@@ -82,13 +82,19 @@ class BuildOptions:
     insecure_registries: tuple[str, ...] = ()  # --insecure-registry: hosts plain HTTP is allowed for
 
 
-def _cache_sources(specs: tuple[Mapping[str, str], ...]) -> tuple:
-    """The --cache-from directories, read at the start (the module only loads when one is given)."""
-    if not specs:
-        return ()
-    from cache.transfer import CacheSource
+def _cache_sources(specs: tuple[Mapping[str, str], ...], insecure: tuple[str, ...], progress: Progress) -> tuple:
+    """The --cache-from caches, their records read at the start (the modules only load when one is given)."""
+    sources = []
+    for spec in specs:
+        if spec["type"] == "registry":
+            from builder.registry.cache import RegistryCacheSource
 
-    return tuple(CacheSource(Path(spec["src"])) for spec in specs)
+            sources.append(RegistryCacheSource(spec["ref"], insecure, warn=progress.message))
+        else:
+            from cache.transfer import CacheSource
+
+            sources.append(CacheSource(Path(spec["src"])))
+    return tuple(sources)
 
 
 def epoch_timestamp(epoch: int) -> str:
@@ -151,7 +157,7 @@ class Solver:
                                compression=options.compression, no_cache=options.no_cache,
                                no_cache_stages=options.no_cache_stages, snapshots=self.snapshots, blobs=self.blobs,
                                progress=progress,
-                               sources=_cache_sources(options.cache_from))
+                               sources=_cache_sources(options.cache_from, options.insecure_registries, progress))
         self.pending_layers = PendingLayers(self.blobs, options.compression, options.source_date_epoch,
                                             on_written=self.cache.layer_written)
         global_args = platform_args()
@@ -189,7 +195,14 @@ class Solver:
             self.cache.finish()
             for spec in self.options.cache_to:
                 stages = None if spec.get("mode") == "max" else self.exported_stages
-                self.cache.export(Path(spec["dest"]), stages, self.pending_layers.written)
+                if spec["type"] == "registry":
+                    from builder.registry.cache import push_cache
+
+                    steps = self.cache.made_steps(stages, self.pending_layers.written)
+                    digest = push_cache(self.store, steps, spec["ref"], self.options.insecure_registries)
+                    self.progress.message(f"cache pushed to {spec['ref']}: {digest}")
+                else:
+                    self.cache.export(Path(spec["dest"]), stages, self.pending_layers.written)
         except _StageStopped:
             # The target stopped because another stage failed: that stage's own error is the one to tell.
             self.failed.set()

@@ -26,7 +26,7 @@ from cache.records import BuildRecords
 from parser.errors import PybuildError
 
 if TYPE_CHECKING:
-    from cache.transfer import CacheSource
+    from cache.transfer import CachedStep, CacheSource
 
 
 @dataclass
@@ -137,7 +137,7 @@ class StepCache:
                 continue
             if step.diff_id is not None and step.blob is not None:
                 if not self.snapshots.has(step.diff_id) and not source.fetch(step.blob, self.blobs):
-                    self.progress.message(f"[warning] --cache-from {source.directory}: the blob of layer "
+                    self.progress.message(f"[warning] {source.label}: the blob of layer "
                                           f"{step.diff_id} is missing or damaged there; the step runs")
                     continue
                 if self.blobs.has(step.blob.digest):
@@ -195,11 +195,17 @@ class StepCache:
         return [key for _, key, _ in self._made.values()]
 
     def export(self, directory: Path, stages: set[int] | None, written: Callable[[Layer], Layer]) -> None:
-        """Write this build's steps (only those of ``stages``, unless None) as a cache directory.
+        """Write this build's steps (only those of ``stages``, unless None) as a cache directory."""
+        from cache.transfer import write_cache
+
+        write_cache(directory, self.made_steps(stages, written), self.blobs)
+
+    def made_steps(self, stages: set[int] | None, written: Callable[[Layer], Layer]) -> list[CachedStep]:
+        """This build's steps (only those of ``stages``, unless None) as cache records with their blobs.
 
         ``written`` gives a layer with its blob in the store, writing the blob now when it is pending.
         """
-        from cache.transfer import CachedStep, write_cache
+        from cache.transfer import CachedStep
 
         steps = []
         for stage_index, key, layer in self._made.values():
@@ -210,7 +216,7 @@ class StepCache:
                 continue
             stored = written(layer)
             steps.append(CachedStep(key, stored.diff_id, LayerBlob(stored.digest, stored.size, stored.media_type)))
-        write_cache(directory, steps, self.blobs)
+        return steps
 
     def _previous_steps(self) -> dict[str, Any]:
         """The previous build's record, read once, when first needed."""

@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from cache.index import LayerBlob, copy_atomically, write_atomically
 from parser.errors import PybuildError
 
 CACHE_CONFIG_TYPE = "application/vnd.pybuild.cache.config.v1+json"
+BUILDKIT_CACHE_TYPE = "application/vnd.buildkit.cacheconfig.v0"
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -52,6 +53,7 @@ class CacheSource:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self.label = f"--cache-from {directory}"
         self.steps: dict[str, CachedStep] = {}
         self._read()
 
@@ -79,24 +81,9 @@ class CacheSource:
         if entry is None or not _DIGEST.fullmatch(str(entry.get("digest"))):
             raise PybuildError(f"--cache-from {self.directory}: the layout holds no pybuild cache")
         manifest = self._json(self._blob_path(entry["digest"]), "the cache manifest")
-        config = manifest.get("config") if isinstance(manifest, dict) else None
-        if not isinstance(config, dict) or config.get("mediaType") != CACHE_CONFIG_TYPE:
-            raise PybuildError(f"--cache-from {self.directory}: the cache manifest has no pybuild cache config")
-        records = self._json(self._blob_path(str(config.get("digest"))), "the cache config")
-        blobs: dict[str, LayerBlob] = {}
-        for layer in manifest.get("layers") or []:
-            diff_id = (layer.get("annotations") or {}).get(DIFF_ID_ANNOTATION) if isinstance(layer, dict) else None
-            if (isinstance(diff_id, str) and _DIGEST.fullmatch(diff_id) and _DIGEST.fullmatch(str(layer.get("digest")))
-                    and isinstance(layer.get("size"), int)):
-                blobs[diff_id] = LayerBlob(layer["digest"], layer["size"], str(layer.get("mediaType")))
-        for record in (records.get("steps") if isinstance(records, dict) else None) or []:
-            if not isinstance(record, dict) or not _HEX.fullmatch(str(record.get("key"))):
-                continue
-            diff_id = record.get("diff_id")
-            if diff_id is None:
-                self.steps[record["key"]] = CachedStep(record["key"], None, None)
-            elif isinstance(diff_id, str) and diff_id in blobs:
-                self.steps[record["key"]] = CachedStep(record["key"], diff_id, blobs[diff_id])
+        self.steps = read_cache_documents(
+            manifest, lambda digest, size: self._json(self._blob_path(digest), "the cache config"),
+            f"--cache-from {self.directory}")
 
     def has(self, blob: LayerBlob) -> bool:
         """Whether the directory still holds the blob, at its size (its digest is checked when fetched)."""
@@ -140,25 +127,79 @@ def write_cache(directory: Path, steps: Iterable[CachedStep], blobs: BlobStore) 
     directory.mkdir(parents=True, exist_ok=True)
     blob_dir = directory / "blobs" / "sha256"
     blob_dir.mkdir(parents=True, exist_ok=True)
-    records, layers, seen = [], [], set()
-    for step in steps:
-        records.append({"key": step.key, "diff_id": step.diff_id})
-        if step.blob is not None and step.blob.digest not in seen:
-            seen.add(step.blob.digest)
-            _copy_blob(blobs.path(step.blob.digest), blob_dir / step.blob.digest.removeprefix("sha256:"))
-            layers.append({"mediaType": step.blob.media_type, "digest": step.blob.digest, "size": step.blob.size,
-                           "annotations": {DIFF_ID_ANNOTATION: step.diff_id}})
-    config = _put_json(blob_dir, {"steps": sorted(records, key=lambda record: record["key"])})
-    manifest = _put_json(blob_dir, {"schemaVersion": 2, "mediaType": MANIFEST_TYPE,
-                                    "config": {"mediaType": CACHE_CONFIG_TYPE, **config}, "layers": layers})
+    documents = cache_documents(steps)
+    for blob in documents.blobs:
+        _copy_blob(blobs.path(blob.digest), blob_dir / blob.digest.removeprefix("sha256:"))
+    _put_json(blob_dir, documents.config)
+    manifest = _put_json(blob_dir, documents.manifest)
     write_atomically(directory / "oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
     index = {"schemaVersion": 2, "mediaType": INDEX_TYPE,
              "manifests": [{"mediaType": MANIFEST_TYPE, **manifest, "annotations": {REF_NAME: CACHE_NAME}}]}
     write_atomically(directory / "index.json", json.dumps(index, indent=2).encode())
 
 
-def _put_json(blob_dir: Path, value: Any) -> dict[str, Any]:
-    data = json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+@dataclass
+class CacheDocuments:
+    """A cache as its three parts: the config's JSON (the records), the manifest's JSON, the layer blobs."""
+
+    config: bytes
+    manifest: bytes
+    blobs: list[LayerBlob]
+
+
+def _json_bytes(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def cache_documents(steps: Iterable[CachedStep]) -> CacheDocuments:
+    """The manifest, config and blobs of a cache: the same whether written as a directory or to a registry."""
+    records, layers, blobs, seen = [], [], [], set()
+    for step in steps:
+        records.append({"key": step.key, "diff_id": step.diff_id})
+        if step.blob is not None and step.blob.digest not in seen:
+            seen.add(step.blob.digest)
+            blobs.append(step.blob)
+            layers.append({"mediaType": step.blob.media_type, "digest": step.blob.digest, "size": step.blob.size,
+                           "annotations": {DIFF_ID_ANNOTATION: step.diff_id}})
+    config = _json_bytes({"steps": sorted(records, key=lambda record: record["key"])})
+    config_descriptor = {"mediaType": CACHE_CONFIG_TYPE, "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+                         "size": len(config)}
+    manifest = _json_bytes({"schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": config_descriptor,
+                            "layers": layers})
+    return CacheDocuments(config, manifest, blobs)
+
+
+def read_cache_documents(manifest: Any, read_config: Callable[[str, int], Any], where: str) -> dict[str, CachedStep]:
+    """The step records a cache manifest and its config hold; ``read_config(digest, size)`` gives the config's
+    JSON. What is malformed is skipped, record by record: a cache may cost a rerun, never a wrong layer."""
+    config = manifest.get("config") if isinstance(manifest, dict) else None
+    if isinstance(config, dict) and config.get("mediaType") == BUILDKIT_CACHE_TYPE:
+        raise PybuildError(f"{where} is a BuildKit cache, which pybuild does not read",
+                           hint="write a pybuild cache there with --cache-to, or name another ref")
+    if not isinstance(config, dict) or config.get("mediaType") != CACHE_CONFIG_TYPE:
+        raise PybuildError(f"{where}: the cache manifest has no pybuild cache config")
+    if not _DIGEST.fullmatch(str(config.get("digest"))) or not isinstance(config.get("size"), int):
+        raise PybuildError(f"{where}: the cache manifest's config descriptor is malformed")
+    records = read_config(config["digest"], config["size"])
+    blobs: dict[str, LayerBlob] = {}
+    for layer in manifest.get("layers") or []:
+        diff_id = (layer.get("annotations") or {}).get(DIFF_ID_ANNOTATION) if isinstance(layer, dict) else None
+        if (isinstance(diff_id, str) and _DIGEST.fullmatch(diff_id) and _DIGEST.fullmatch(str(layer.get("digest")))
+                and isinstance(layer.get("size"), int)):
+            blobs[diff_id] = LayerBlob(layer["digest"], layer["size"], str(layer.get("mediaType")))
+    steps: dict[str, CachedStep] = {}
+    for record in (records.get("steps") if isinstance(records, dict) else None) or []:
+        if not isinstance(record, dict) or not _HEX.fullmatch(str(record.get("key"))):
+            continue
+        diff_id = record.get("diff_id")
+        if diff_id is None:
+            steps[record["key"]] = CachedStep(record["key"], None, None)
+        elif isinstance(diff_id, str) and diff_id in blobs:
+            steps[record["key"]] = CachedStep(record["key"], diff_id, blobs[diff_id])
+    return steps
+
+
+def _put_json(blob_dir: Path, data: bytes) -> dict[str, Any]:
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     write_atomically(blob_dir / digest.removeprefix("sha256:"), data)
     return {"digest": digest, "size": len(data)}

@@ -166,8 +166,10 @@ def test_a_blob_gone_from_the_cache_dir_warns_and_its_step_runs(exported: Export
 # --- flags pybuild does not take --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("flag", "value", "message"), [
-    ("--cache-from", "type=registry,ref=x", "type=registry is not supported by pybuild yet"),
-    ("--cache-from", "somename", "a registry cache is not supported by pybuild yet"),
+    ("--cache-from", "type=gha,scope=x", "type=gha is not supported by pybuild"),
+    ("--cache-from", "type=registry", "ref= is required"),
+    ("--cache-from", "type=registry,ref=localhost:9/cache", "cannot reach registry localhost:9"),
+    ("--cache-to", "type=registry,ref=x,compression=zstd", "option 'compression' is not supported"),
     ("--cache-from", "type=local", "src= is required"),
     ("--cache-from", "type=local,src={work}/cache,mode=max", "option 'mode' is not supported"),
     ("--cache-from", "type=local,src={work}/missing", "no such directory"),
