@@ -605,24 +605,20 @@ def _say(line: str) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only the image's name.")
 @click.pass_obj
 def pull(store_root: Path, reference: str, platform: str | None, insecure: tuple[str, ...], quiet: bool) -> None:
-    """Pull an image from a registry into the local store (its layers are unpacked, as after load)."""
-    from builder.fs.snapshot import Snapshots
+    """Pull an image from a registry into the local store.
+
+    Its blobs are downloaded and checked; its layers are unpacked when a build first uses it.
+    """
     from builder.oci.store import ImageStore
     from builder.registry.pull import pull as pull_image
     from builder.registry.reference import insecure_hosts
-    from builder.sandbox.namespace import enter_build_namespace
-    from builder.solver import unpack_layers
     from cache.leases import shared_lease
 
     root = _store_root(store_root)
-    hosts = insecure_hosts(insecure)
-    enter_build_namespace()  # unpacking makes overlay whiteouts, which a rootless user may only make in it
     store = ImageStore(root)
-    snapshots = Snapshots(root / "snapshots")
     with shared_lease(root):
-        pulled = pull_image(store, reference, insecure=hosts, platform=platform,
-                            report=None if quiet else _say,
-                            unpack=lambda image: unpack_layers(snapshots, store.blobs, image))
+        pulled = pull_image(store, reference, insecure=insecure_hosts(insecure), platform=platform,
+                            report=None if quiet else _say)
     if not quiet:
         click.echo(f"Digest: {pulled.digest}")
     click.echo(str(pulled.reference))

@@ -581,7 +581,8 @@ class StepContext:
                 return solver.store.resolve(solver.base_images[reference].rsplit("@", 1)[1]).image
             try:
                 pulled = pull(solver.store, reference, insecure=insecure_hosts(options.insecure_registries),
-                              report=solver.progress.message)
+                              report=solver.progress.message,
+                              unpack=lambda image: unpack_layers(solver.snapshots, solver.blobs, image))
             except PybuildError as exc:
                 local = "" if options.pull else "is not in the local store, and "
                 raise PybuildError(f"image {reference!r} {local}pulling it failed: {exc.message}",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from builder.graph import host_platform
 from builder.oci.image import (
@@ -16,6 +16,8 @@ from builder.oci.image import (
     MEDIA_MANIFEST,
     Descriptor,
     Image,
+    Layer,
+    image_from_config,
     index_from_json,
     json_object,
     manifest_from_json,
@@ -128,14 +130,24 @@ def pull(store: ImageStore, text: str, *, insecure: frozenset[str] | None = None
         if missing:
             say(f"pulling {reference}: {len(missing)} of {len(blobs)} blobs "
                 f"({size_text(sum(blob.size for blob in missing))}) to download")
+        downloaded = download_blob(registry, reference.repository, config, store.blobs, say)
+        config_label = f"{label}: image config {config.digest}"
+        image = image_from_config(store.blobs.read_bytes(config.digest),
+                                  tuple(store._layer(layer, label) for layer in layers), config_label)
+
+        def bring(layer: Layer) -> int:
+            """Download a layer and unpack it at once, beside the other layers' downloads."""
+            size = download_blob(registry, reference.repository, Descriptor(layer.media_type, layer.digest,
+                                                                            layer.size), store.blobs, say)
+            if unpack is not None:
+                unpack(replace(image, layers=(layer,)))
+            return size
+
         with ThreadPoolExecutor(max_workers=PARALLEL_DOWNLOADS, thread_name_prefix="pull") as pool:
-            results = [pool.submit(download_blob, registry, reference.repository, blob, store.blobs, say)
-                       for blob in missing]
-            downloaded = sum(result.result() for result in results)
+            results = [pool.submit(bring, layer) for layer in image.layers]
+            downloaded += sum(result.result() for result in results)
         for manifest_bytes in stored_manifests:  # last: a manifest in the store means its blobs are there
             store.blobs.put_bytes(manifest_bytes)
-        if unpack is not None:
-            unpack(store.load_manifest(manifest, str(reference)).image)
         names = [reference.local_name] if reference.tag and reference.local_name else []
         store.name_entry(entry, names)
         BlobLocations(store.root, reference.registry).add(reference.repository, [blob.digest for blob in blobs])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -16,9 +17,28 @@ from builder.registry.reference import RemoteReference, insecure_hosts, parse_re
 from builder.registry.transfer import BlobLocations, rate_text
 from parser.errors import PybuildError
 
-# Blobs up to this size go in one PUT; larger ones in PATCH chunks of this size (a proxy's body limit, and
-# a failure costs one chunk, not the blob).
-CHUNK_BYTES = 32 << 20
+# Blobs up to this size go in one PUT; larger ones in PATCH chunks of CHUNK_BYTES (under a proxy's body
+# limit, and a failure costs one chunk, not the blob). Both stream from the blob file.
+MONOLITHIC_BYTES = 256 << 20
+CHUNK_BYTES = 64 << 20
+PARALLEL_UPLOADS = 3
+
+
+class _Slice:
+    """``size`` bytes of a file from where it stands: a request body that never sits whole in memory."""
+
+    def __init__(self, file, size: int) -> None:
+        self.file, self.start, self.size = file, file.tell(), size
+
+    def read(self, amount: int = -1) -> bytes:
+        left = self.start + self.size - self.file.tell()
+        return self.file.read(left if amount < 0 else min(amount, left)) if left > 0 else b""
+
+    def tell(self) -> int:
+        return self.file.tell() - self.start
+
+    def seek(self, offset: int) -> None:
+        self.file.seek(self.start + offset)
 
 
 @dataclass
@@ -91,7 +111,7 @@ class _Uploader:
             location = location or self._start(blob.digest)
             try:
                 with self.store.blobs.open(blob.digest) as file:
-                    if blob.size <= CHUNK_BYTES:
+                    if blob.size <= MONOLITHIC_BYTES:
                         self._put(blob, _with_query(location, digest=blob.digest), file, blob.size)
                     else:
                         self._chunks(blob, location, file)
@@ -113,18 +133,17 @@ class _Uploader:
     def _chunks(self, blob: Descriptor, location: str, file) -> None:
         offset = 0
         while offset < blob.size:
-            chunk = file.read(CHUNK_BYTES)
-            if not chunk:
-                raise PybuildError(f"blob {blob.digest} in the store is shorter than its {blob.size} bytes")
+            length = min(CHUNK_BYTES, blob.size - offset)
+            file.seek(offset)
             status, headers, response = self.registry.request(
-                "PATCH", location, scope=self.scope, body=chunk,
-                headers={"Content-Type": "application/octet-stream", "Content-Length": str(len(chunk)),
-                         "Content-Range": f"{offset}-{offset + len(chunk) - 1}"})
+                "PATCH", location, scope=self.scope, body=_Slice(file, length),
+                headers={"Content-Type": "application/octet-stream", "Content-Length": str(length),
+                         "Content-Range": f"{offset}-{offset + length - 1}"})
             if status != 202:
                 raise self.registry.failure(f"{self.reference}: uploading blob {blob.digest} at byte {offset}",
                                             status, response)
             location = _location(self.registry, headers, f"blob {blob.digest}")
-            offset += len(chunk)
+            offset += length
         self._put(blob, _with_query(location, digest=blob.digest), b"", 0)
 
     def put_manifest(self, data: bytes, media_type: str, tag: str) -> str:
@@ -153,9 +172,8 @@ def push(store: ImageStore, image: StoredImage, text: str, *, insecure: frozense
     _, config, _ = manifest_from_json(data, f"manifest {manifest.digest}")
     uploader = _Uploader(registry, store, reference, say)
     try:
-        uploaded = 0
-        for blob in [*layers, config]:
-            uploaded += uploader.push_blob(blob)
+        with ThreadPoolExecutor(max_workers=PARALLEL_UPLOADS, thread_name_prefix="push") as pool:
+            uploaded = sum(pool.map(uploader.push_blob, [*layers, config]))
         stated = uploader.put_manifest(data, manifest.media_type, reference.tag or "latest")
     finally:
         registry.close()
