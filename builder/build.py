@@ -103,6 +103,8 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                     names += tuple(output["name"].split(","))
                     if output["type"] == "registry" or output.get("push") == "true":
                         pushed_names += tuple(output["name"].split(","))
+            if request.compression == "gzip":
+                image = _gzip_throughout(solver, image)
             manifest = solver.store.write_image(image, names)
             image_id = sha256_digest(config_json(image))  # docker's image ID: the config blob write_image stored
             for output in request.outputs:
@@ -147,6 +149,31 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
             progress.close()
     keep_cache_in_bounds(root)
     return BuildResult(image_id, manifest.digest, names)
+
+
+def _gzip_throughout(solver: Solver, image):
+    """--compression=gzip: the base image's layers too, for registries and clients that read no zstd.
+
+    A layer converted once is recorded with the cache's layer blobs, so the next build reuses it.
+    """
+    from dataclasses import replace
+
+    from builder.oci.exporter import with_gzip_layers
+    from builder.oci.image import MEDIA_LAYER, MEDIA_LAYER_GZIP
+
+    layers = []
+    for layer in image.layers:
+        if layer.media_type in (MEDIA_LAYER_GZIP, MEDIA_LAYER):
+            layers.append(layer)
+            continue
+        known = solver.cache.layer_blobs.get(layer.diff_id, MEDIA_LAYER_GZIP)
+        if known is not None and solver.blobs.size_of(known.digest) == known.size:
+            layers.append(replace(layer, digest=known.digest, size=known.size, media_type=MEDIA_LAYER_GZIP))
+            continue
+        converted = with_gzip_layers(solver.store, replace(image, layers=(layer,))).layers[0]
+        solver.cache.layer_written(converted)
+        layers.append(converted)
+    return replace(image, layers=tuple(layers))
 
 
 def _remember_for_rebuild(root: Path, request: BuildRequest, solver: Solver, progress, image, image_id: str,

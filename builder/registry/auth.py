@@ -219,6 +219,7 @@ class Authenticator:
         self._challenge: Challenge | None = None
         self._tokens: dict[str, _Token] = {}
         self._lock = threading.Lock()
+        self._fetching = threading.Lock()  # one token fetch at a time: threads of one push share its token
         self.tokens_fetched = 0
 
     @property
@@ -239,7 +240,7 @@ class Authenticator:
             return credentials.basic() if credentials else None
         if token is not None and token.expires > time.time():
             return f"Bearer {token.value}"
-        return None
+        return f"Bearer {self._fetch(challenge, scope)}"  # the scheme is known: no need of another 401 first
 
     def answer(self, header: str | None, scope: str) -> str:
         """A 401's challenge answered: the header to retry with. Raises when there is nothing to answer with."""
@@ -258,6 +259,15 @@ class Authenticator:
         return f"Bearer {token}"
 
     def _fetch(self, challenge: Challenge, scope: str) -> str:
+        """A token for ``scope``: one another thread fetched meanwhile, else a new one."""
+        with self._fetching:
+            with self._lock:
+                token = self._tokens.get(scope)
+            if token is not None and token.expires > time.time():
+                return token.value
+            return self._fetch_new(challenge, scope)
+
+    def _fetch_new(self, challenge: Challenge, scope: str) -> str:
         from urllib.parse import urlencode
 
         realm = challenge.params.get("realm")
@@ -288,9 +298,12 @@ class Authenticator:
             self.tokens_fetched += 1
         return token
 
-    def forget(self, scope: str) -> None:
+    def forget(self, scope: str, used: str | None) -> None:
+        """A request sent with ``used`` was refused: that token is spent (not one another thread got since)."""
         with self._lock:
-            self._tokens.pop(scope, None)
+            token = self._tokens.get(scope)
+            if token is not None and used == f"Bearer {token.value}":
+                del self._tokens[scope]
 
     def unauthorized(self, why: str) -> PybuildError:
         who = self.credentials

@@ -26,7 +26,7 @@ from builder.registry.auth import Authenticator, Credentials
 from builder.registry.reference import plain_http_allowed
 from parser.errors import PybuildError
 
-ATTEMPTS = 6
+ATTEMPTS = 5
 TIMEOUT_SECONDS = 60
 MAX_PAUSE_SECONDS = 30
 MAX_REDIRECTS = 5
@@ -76,6 +76,7 @@ class Registry:
         self.pause = pause
         self._scheme: str | None = None
         self._scheme_lock = threading.Lock()
+        self._gone: PybuildError | None = None
         self._local = threading.local()
         self._tls = ssl.create_default_context()  # trusts the system's CAs and SSL_CERT_FILE / SSL_CERT_DIR
 
@@ -136,7 +137,11 @@ class Registry:
             return PybuildError(f"{self.registry}: its TLS certificate is not trusted: {error.verify_message}",
                                 hint="add its CA to the system's trust store, or point SSL_CERT_FILE at it")
         if isinstance(error, ssl.SSLError):
-            return PybuildError(f"{self.registry}: TLS failed: {error.reason or error}")
+            plain = error.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST")
+            return PybuildError(f"{self.registry}: TLS failed: {error.reason or error}"
+                                + (" (it seems to speak plain HTTP)" if plain else ""),
+                                hint=f"if {self.registry} is meant to be reached over plain HTTP, give "
+                                     f"--insecure-registry {self.registry}" if plain else None)
         reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
         if isinstance(error, socket.gaierror):
             reason = f"cannot resolve its name ({error.strerror})"
@@ -183,16 +188,23 @@ class Registry:
 
     def _retrying(self, send: Callable[[], tuple[int, http.client.HTTPMessage, object]],
                   rewind: Callable[[], None] | None = None) -> tuple[int, http.client.HTTPMessage, object]:
-        """``send`` again after a dropped connection or a 429/5xx, pausing longer each time."""
+        """``send`` again after a dropped connection or a 429/5xx, pausing longer each time.
+
+        A registry that stayed unreachable through every try is not tried again by this command's other
+        requests (the other blobs of a push, say): they fail at once with the same error.
+        """
+        if self._gone is not None:
+            raise self._gone
         for attempt in range(ATTEMPTS):
             last = attempt == ATTEMPTS - 1
             try:
                 status, headers, data = send()
-            except ssl.SSLCertVerificationError as exc:
+            except ssl.SSLError as exc:  # not the network's fault: another try would fail the same way
                 raise self._unreachable(exc) from None
             except (*TRANSIENT_ERRORS, OSError) as exc:
                 if last or isinstance(exc, (socket.gaierror, ConnectionRefusedError)) and attempt >= 1:
-                    raise self._unreachable(exc) from None
+                    self._gone = self._unreachable(exc)
+                    raise self._gone from None
                 self.pause(min(0.5 * 2 ** attempt, MAX_PAUSE_SECONDS))
             else:
                 if status not in RETRY_STATUSES or last:
@@ -237,7 +249,7 @@ class Registry:
             if status == 401 and own_host and not answered:
                 if hasattr(data, "read"):
                     data.read()  # type: ignore[union-attr]
-                self.auth.forget(scope)
+                self.auth.forget(scope, send_headers.get("Authorization"))
                 self.auth.answer(response_headers.get("WWW-Authenticate"), scope)
                 answered = True
                 rewind()

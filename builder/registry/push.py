@@ -173,7 +173,12 @@ def push(store: ImageStore, image: StoredImage, text: str, *, insecure: frozense
     uploader = _Uploader(registry, store, reference, say)
     try:
         with ThreadPoolExecutor(max_workers=PARALLEL_UPLOADS, thread_name_prefix="push") as pool:
-            uploaded = sum(pool.map(uploader.push_blob, [*layers, config]))
+            futures = [pool.submit(uploader.push_blob, blob) for blob in [*layers, config]]
+            try:
+                uploaded = sum(future.result() for future in futures)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # what has not started does not start
+                raise
         stated = uploader.put_manifest(data, manifest.media_type, reference.tag or "latest")
     finally:
         registry.close()
