@@ -13,6 +13,7 @@ contexts and base images (bench/peer_bench.sh makes them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -61,10 +62,8 @@ class CountingProxy:
             pass
         finally:
             for end in (source, sink):
-                try:
+                with contextlib.suppress(OSError):
                     end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def take(self) -> int:
         with self._lock:

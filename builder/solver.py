@@ -514,7 +514,11 @@ class StepContext:
         if stage is not None and stage.index in self.solver.unplanned_stages:
             self.solver.unplanned_stages.add(self.stage.index)  # --dry-run: its base would be built first
         self.base_layers = tuple(layer.diff_id for layer in image.layers)
-        return StageState(image=replace(image, created=self.solver.created)), "done"
+        state = StageState(image=replace(image, created=self.solver.created))
+        resolved = None if stage is not None else self.solver.base_images.get(reference)
+        if resolved is not None:  # which image the stage stands on, by digest, for whoever checks it later
+            state = replace(state, image=state.image.add_history(state.history(f"FROM {resolved}", empty_layer=True)))
+        return state, "done"
 
     def _directory_layer(self, op: DirectoryOp) -> oci.Layer | None:
         """FROM a named context that is a directory: its files are the image's root filesystem."""
@@ -569,7 +573,8 @@ class StepContext:
                 if not pullable:
                     raise
             else:
-                solver.base_images.setdefault(reference, f"{reference.split('@')[0]}@{stored.manifest.digest}")
+                if pullable:
+                    solver.base_images.setdefault(reference, _resolved(reference, solver.store.digest_of(reference)))
                 return stored.image
         if options.dry_run:
             raise _StageRunsFirst(f"{reference} is pulled when the build runs")
@@ -587,7 +592,7 @@ class StepContext:
                 local = "" if options.pull else "is not in the local store, and "
                 raise PybuildError(f"image {reference!r} {local}pulling it failed: {exc.message}",
                                    hint=exc.hint) from None
-            resolved = f"{pulled.reference.registry}/{pulled.reference.repository}@{pulled.digest}"
+            resolved = _resolved(reference, pulled.digest)
             solver.base_images[reference] = resolved
         solver.progress.message(f"FROM {reference}: {resolved}")
         solver.cache.unrecorded_inputs = solver.cache.unrecorded_inputs or options.pull
@@ -855,6 +860,14 @@ class StepContext:
 
             path = make_directory(path, mount.source, owner=(uid, gid))
         return sandbox.BindMount(source=path, target=_absolute(mount.target), readonly=bool(mount.readonly))
+
+
+def _resolved(reference: str, digest: str) -> str:
+    """``registry/repository@digest``: the same whether the image was pulled now or found in the store."""
+    from builder.registry.reference import parse_remote
+
+    remote = parse_remote(reference)
+    return f"{remote.registry}/{remote.repository}@{digest}"
 
 
 def _pullable(reference: str) -> bool:

@@ -926,3 +926,26 @@ def test_a_buildkit_cache_ref_is_refused_by_name(builder: Client, plain: Registr
                          f"type=registry,ref={plain.ref(repository, 'cache')}", check=False)
     line = assert_one_error(done)
     assert "is a BuildKit cache, which pybuild does not read" in line
+
+
+def test_a_pulled_index_is_listed_saved_removed_and_freed(client: Client, plain: Registry, seeded,
+                                                           tmp_path: Path) -> None:
+    """The store keeps a pulled index as the registry gave it, with only this platform's manifest and blobs:
+    `images`, `save`, `FROM name@index-digest`, `rmi` and `prune` all work on it."""
+    path, digest = seeded["index"]
+    ref = f"{plain.host}/{path}"
+    client.run("pull", ref)
+    assert f"{plain.host}/seeded/index:1" in client.image_names()
+    assert_same_image(client, ref, plain, ref, tmp_path / "saved")
+    client.build(from_context(tmp_path / "ctx", f"{plain.host}/seeded/index@{digest}"), "-t", "on-index",
+                 "--metadata-file", tmp_path / "metadata.json")
+    history = json.loads(client.run("inspect", "on-index").stdout).get("history", [])
+    assert {"created_by": f"FROM {plain.host}/seeded/index@{digest}", "empty_layer": True} in [
+        {key: entry[key] for key in ("created_by", "empty_layer") if key in entry} for entry in history]
+    assert json.loads((tmp_path / "metadata.json").read_text())["pybuild.base-images"] == {
+        f"{plain.host}/seeded/index@{digest}": f"{plain.host}/seeded/index@{digest}"}
+    client.run("rmi", "on-index", ref)
+    client.run("prune")
+    assert client.image_names() == set()
+    blobs = client.root / "blobs" / "sha256"
+    assert not blobs.is_dir() or not any(blobs.iterdir())

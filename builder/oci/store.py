@@ -380,6 +380,10 @@ class ImageStore:
         manifest = next(entry for entry in entries if entry.digest == digest)
         return self._load(_plain(manifest), self._names_of(entries, digest))
 
+    def digest_of(self, reference: str) -> str:
+        """The digest of the manifest or index the store keeps ``reference`` as (what its registry gave)."""
+        return self._find(reference, self.entries())
+
     def _find(self, reference: str, entries: Sequence[Descriptor]) -> str:
         """The manifest digest of ``reference`` among index entries."""
         parsed = parse_reference(reference) if _REFERENCE.fullmatch(reference) else None
@@ -476,7 +480,8 @@ class ImageStore:
         reachable.add(digest)
         value = self._json_blob(digest, "manifest")
         for child in value.get("manifests") or []:
-            self._reach(child["digest"], reachable)
+            if self.blobs.has(child["digest"]):  # a pulled index keeps only its own platform's manifest
+                self._reach(child["digest"], reachable)
         if "config" in value:
             reachable.add(value["config"]["digest"])
         reachable.update(layer["digest"] for layer in value.get("layers") or [])

@@ -8,7 +8,6 @@ decided here too: loopback hosts, hosts given with ``--insecure-registry``, and 
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -99,6 +98,8 @@ def is_loopback(host: str) -> bool:
     name = _host_without_port(host)
     if name == "localhost":
         return True
+    import ipaddress
+
     try:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
