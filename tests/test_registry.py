@@ -949,3 +949,27 @@ def test_a_pulled_index_is_listed_saved_removed_and_freed(client: Client, plain:
     assert client.image_names() == set()
     blobs = client.root / "blobs" / "sha256"
     assert not blobs.is_dir() or not any(blobs.iterdir())
+
+
+def test_chunked_upload_of_a_large_blob(builder: Client, plain: Registry, proxy: FaultProxy, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blobs above the monolithic limit go up in PATCH chunks (limits made small here, in-process), and the
+    registry then serves the image whole: skopeo reads the same digest."""
+    from builder.oci.store import ImageStore
+    from builder.registry import push as push_module
+
+    repository = unique("chunked/app")
+    context = tmp_path / "ctx"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM busybox-base\nRUN head -c 1500000 /dev/urandom > /noise\n")
+    builder.build(context, "-t", "chunky")
+    monkeypatch.setattr(push_module, "MONOLITHIC_BYTES", 1 << 20)
+    monkeypatch.setattr(push_module, "CHUNK_BYTES", 400_000)
+    store = ImageStore(builder.root)
+    image = store.resolve("chunky")
+    pushed = push_module.push(store, image, proxy.ref(repository, "1"))
+    patches = proxy.requests("PATCH", rf"/v2/{repository}/blobs/uploads/")
+    large = [layer.size for layer in image.image.layers if layer.size > 1 << 20]
+    assert len(large) == 2  # busybox's layer and the noise
+    assert len(patches) == sum(-(-size // 400_000) for size in large), [entry.path for entry in patches]
+    assert inspect(plain, plain.ref(repository, "1")).digest == pushed.digest
