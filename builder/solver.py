@@ -675,7 +675,15 @@ class StepContext:
 
     def make_workdir(self, state: StageState, op: WorkdirOp) -> oci.Layer | None:
         from builder.fs.copy import make_directory
+        from builder.fs.diff import LowerView
         from builder.fs.users import resolve_user
+
+        parts = op.path.split("/")
+        if not op.user and "." not in parts and ".." not in parts:
+            # A directory the stage already has (through no symlink) is left as it is: no root to mount.
+            found = LowerView([self.solver.snapshots.path(layer.diff_id) for layer in state.image.layers]).stat(op.path)
+            if found is not None and stat.S_ISDIR(found.st_mode):
+                return None
 
         def action(root: Path) -> None:
             owner = None
