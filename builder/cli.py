@@ -725,6 +725,100 @@ def logout(server: str) -> None:
         click.echo(f"Not logged in to {registry}")
 
 
+def _report(comparison, output_format: str, verb: str, dockerfile: str = "Dockerfile") -> NoReturn:
+    """Print a comparison and end: 0 when the images are the same, 1 when not."""
+    from builder.compare.images import render_text, to_json
+
+    if output_format == "json":
+        click.echo(json.dumps(to_json(comparison), indent=2))
+    elif comparison.identical:
+        click.echo(f"{verb}: {comparison.b.manifest}")
+    else:
+        for line in render_text(comparison, dockerfile):
+            click.echo(line)
+    raise _Finished(0 if comparison.identical else 1)
+
+
+class _Finished(Exception):
+    """A command that ends with a code of its own choosing (click's Exit is swallowed by standalone_mode=False)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def _exit_2(exc: PybuildError) -> PybuildError:
+    """diff and verify keep 1 for "the images differ": their own failures end with 2."""
+    exc.exit_code = 2
+    return exc
+
+
+@cli.command("diff")
+@click.argument("image_a")
+@click.argument("image_b")
+@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.pass_obj
+def diff_command(store_root: Path, image_a: str, image_b: str, output_format: str) -> None:
+    """Compare two images layer by layer, file by file and config field by field; exit 1 when they differ.
+
+    An image is a name or ID in the store, oci-archive:PATH or oci-layout:DIR[:REF].
+    """
+    from builder.compare.images import compare_images
+    from builder.compare.verify import side
+    from builder.oci.store import ImageStore
+    from cache.leases import shared_lease
+
+    try:
+        root = _store_root(store_root)
+        store = ImageStore(root)
+        with shared_lease(root):
+            comparison = compare_images(side(store, image_a), side(store, image_b))
+    except PybuildError as exc:
+        raise _exit_2(exc) from None
+    _report(comparison, output_format, "identical")
+
+
+@cli.command()
+@click.argument("image")
+@click.option("--context", "context", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The source the image should have been built from.")
+@click.option("-f", "--file", "file", help="Name of the Dockerfile (default: CONTEXT/Dockerfile).")
+@click.option("--build-arg", "build_args", multiple=True, metavar="KEY=VALUE", help="A build arg it was built with.")
+@click.option("--target", help="The stage it was built from.")
+@click.option("--build-context", "build_contexts", multiple=True, metavar="NAME=PATH|docker-image://REF",
+              help="A named context it was built with.")
+@click.option("--source-date-epoch", type=int, help="The epoch it was built with (default: its created time).")
+@click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--progress", type=click.Choice(["auto", "plain", "tty"]), default="auto", show_default=True,
+              help="How to show the rebuild's progress (on stderr; standard output is the report's).")
+@click.pass_obj
+def verify(store_root: Path, image: str, context: Path, file: str | None, build_args: tuple[str, ...],
+           target: str | None, build_contexts: tuple[str, ...], source_date_epoch: int | None, output_format: str,
+           progress: str) -> None:
+    """Rebuild IMAGE from its source with no cache and compare: exit 0 when identical, 1 with what differs and
+    why, 2 when the rebuild failed. IMAGE is a name or ID in the store, oci-archive:PATH or oci-layout:DIR[:REF]."""
+    from builder.compare.verify import VerifyRequest
+    from builder.compare.verify import verify as verify_image
+    from cache.leases import shared_lease
+    from cache.parsed import parsed
+
+    try:
+        if not context.is_dir():
+            raise PybuildError(f"build context {context} is not a directory")
+        source, name = _read_dockerfile(file, context)
+        root = _store_root(store_root)
+        request = VerifyRequest(
+            image=image, context=context.resolve(), dockerfile=parsed(source, name, root / "cache"),
+            dockerfile_path=Path(name).resolve(), build_args=_key_values(build_args, "--build-arg"), target=target,
+            named_contexts=_key_values(build_contexts, "--build-context"), source_date_epoch=source_date_epoch,
+            progress=progress)
+        with shared_lease(root):
+            comparison = verify_image(root, request)
+    except PybuildError as exc:
+        raise _exit_2(exc) from None
+    _report(comparison, output_format, "verified", Path(name).name)
+
+
 @cli.command()
 @click.argument("name")
 @click.pass_obj
@@ -782,6 +876,8 @@ def _run(argv: list[str] | None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except _Finished as exc:
+        return exc.code
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("pybuild: interrupted", err=True)
         return 130

@@ -513,10 +513,45 @@ class ImageStore:
 
     def read_image_from_archive(self, path: Path) -> Image:
         """The one image of an OCI or docker archive, its blobs copied into the store but left unnamed."""
-        return _single(self._import_archive(Path(path), None), str(path)).image
+        return self.stored_from_archive(path).image
+
+    def stored_from_archive(self, path: Path) -> StoredImage:
+        return _single(self._import_archive(Path(path), None), str(path))
+
+    def open(self, reference: str) -> StoredImage:
+        """An image by store reference, ``oci-archive:PATH`` or ``oci-layout:DIR[:REF]`` (blobs brought in unnamed)."""
+        if reference.startswith("oci-archive:"):
+            return self.stored_from_archive(Path(reference.removeprefix("oci-archive:")))
+        if reference.startswith("oci-layout:"):
+            return self.stored_from_layout(reference.removeprefix("oci-layout:"))
+        return self.resolve(reference)
+
+    def copy_from(self, other: ImageStore, reference: str) -> None:
+        """Give this store the image ``reference`` names in ``other``, under the same name: its blobs are
+        hard-linked where both stores share a filesystem, copied (and checked) elsewhere."""
+        entries = other.entries()
+        digest = other._find(reference, entries)
+        entry = next(entry for entry in entries if entry.digest == digest)
+        reachable: set[str] = set()
+        other._reach(digest, reachable)
+        for blob in sorted(reachable):
+            if self.blobs.has(blob) or not other.blobs.has(blob):
+                continue
+            self.blobs.blob_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(other.blobs.path(blob), self.blobs.path(blob))
+            except OSError:
+                with other.blobs.open(blob) as source, self.blobs.writer(expect=blob) as out:
+                    shutil.copyfileobj(source, out.file, CHUNK)
+        parsed = parse_reference(reference) if _REFERENCE.fullmatch(reference) else None
+        names = [parsed.name] if parsed is not None and parsed.name and parsed.digest is None else []
+        self.name_entry(entry, names)
 
     def read_image_from_layout(self, spec: str) -> Image:
         """The image ``DIR[:REF]`` names in an OCI layout (REF as its ref.name annotation), without naming it."""
+        return self.stored_from_layout(spec).image
+
+    def stored_from_layout(self, spec: str) -> StoredImage:
         directory, ref = spec, None
         if not Path(spec).is_dir():
             # The directory is the shortest prefix before a colon that exists; the rest names the image.
@@ -530,7 +565,7 @@ class ImageStore:
             images = [stored for stored in images if wanted & set(stored.names)]
             if not images:
                 raise PybuildError(f"OCI layout {directory} has no image named {ref!r}")
-        return _single(images, spec).image
+        return _single(images, spec)
 
     def _commit(self, images: list[StoredImage]) -> list[str]:
         """Name every imported image in one index.json update, so a failed import shows nothing."""

@@ -1,0 +1,1 @@
+"""Comparing images: which layer, which file, which config field differs, and why (``pybuild diff``/``verify``)."""

@@ -1,0 +1,113 @@
+"""``pybuild verify``: rebuild an image from its source, with no cache, in a scratch store, and compare.
+
+The scratch store lives under the store's ``tmp/`` (so base images are hard-linked in, not copied) and is
+removed afterwards, whatever happens; the user's store gains no name. The rebuild takes the image's own
+``SOURCE_DATE_EPOCH`` (its ``created`` time) unless one is given, and its layers' compression.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from builder.compare.images import Comparison, Side, compare_images
+from builder.oci.image import MEDIA_LAYER_GZIP
+from builder.oci.store import ImageStore, StoredImage
+from parser.errors import PybuildError
+from parser.instructions import Dockerfile, From
+
+
+class RebuildFailed(PybuildError):
+    """The rebuild itself failed: verify cannot say whether the image came from the source."""
+
+
+@dataclass
+class VerifyRequest:
+    image: str
+    context: Path
+    dockerfile: Dockerfile
+    dockerfile_path: Path | None
+    build_args: Mapping[str, str]
+    target: str | None
+    named_contexts: Mapping[str, str]
+    source_date_epoch: int | None
+    progress: str
+
+
+def side(store: ImageStore, reference: str, stored: StoredImage | None = None) -> Side:
+    stored = stored or store.open(reference)
+    config = json.loads(store.blobs.read_bytes(stored.image_id))
+    return Side(reference, stored.manifest.digest, stored.image_id, stored.image, config, store.blobs.open)
+
+
+def epoch_of(created: str) -> int:
+    """An image's ``created`` time as seconds since the epoch (what SOURCE_DATE_EPOCH it was built with)."""
+    if not created:
+        return 0
+    try:
+        return int(datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp())
+    except ValueError:
+        raise PybuildError(f"the image's created time {created!r} is not a date; give --source-date-epoch") from None
+
+
+def line_finder(dockerfile: Dockerfile) -> Callable[[str], int | None]:
+    """A history entry's line in the Dockerfile: the first instruction whose text it ends with."""
+    candidates = []
+    for instruction in dockerfile.instructions:
+        text = " ".join(instruction.original.split())
+        keyword, _, rest = text.partition(" ")
+        candidates.append((keyword.upper(), rest, instruction.location.start_line))
+
+    def line_of(created_by: str) -> int | None:
+        normalized = " ".join(created_by.split())
+        for keyword, rest, line in candidates:
+            if normalized.upper().startswith(keyword) and normalized.endswith(rest):
+                return line
+        return None
+
+    return line_of
+
+
+def verify(store_root: Path, request: VerifyRequest) -> Comparison:
+    """Rebuild ``request.image`` from its source and compare (A: the image, B: the rebuild)."""
+    from builder.build import BuildRequest, run_build
+
+    store = ImageStore(store_root)
+    target = store.open(request.image)
+    epoch = request.source_date_epoch if request.source_date_epoch is not None else epoch_of(target.created)
+    scratch = store_root / "tmp" / f"verify-{os.getpid()}-{secrets.token_hex(4)}"
+    scratch.mkdir(parents=True)
+    try:
+        rebuilt_store = ImageStore(scratch)
+        stage_names = {instruction.stage_name.lower() for instruction in request.dockerfile.instructions
+                       if isinstance(instruction, From) and instruction.stage_name}
+        for instruction in request.dockerfile.instructions:
+            if isinstance(instruction, From) and instruction.image.lower() not in stage_names | {"scratch"} \
+                    and "$" not in instruction.image:
+                with contextlib.suppress(PybuildError):  # not in the store: the rebuild pulls it, or says so
+                    rebuilt_store.copy_from(store, instruction.image)
+        gzip = bool(target.image.layers) and all(layer.media_type == MEDIA_LAYER_GZIP
+                                                 for layer in target.image.layers)
+        build_args = dict(request.build_args)
+        build_args.setdefault("SOURCE_DATE_EPOCH", str(epoch))
+        rebuild = BuildRequest(
+            dockerfile=request.dockerfile, context=request.context, dockerfile_path=request.dockerfile_path,
+            build_args=build_args, target=request.target, named_contexts=request.named_contexts,
+            compression="gzip" if gzip else "zstd", progress=request.progress, source_date_epoch=epoch,
+            no_cache=True)
+        try:
+            result = run_build(rebuild, scratch)
+        except PybuildError as exc:
+            raise RebuildFailed(f"the rebuild failed: {exc.render()}") from None
+        rebuilt = rebuilt_store.resolve(result.manifest_digest)
+        return compare_images(side(store, request.image, target), side(rebuilt_store, "the rebuild", rebuilt),
+                              line_finder(request.dockerfile))
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
