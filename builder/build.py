@@ -48,6 +48,8 @@ class BuildRequest:
     pull: bool = False
     push: bool = False  # --push: every name (-t, and type=image's) is pushed to its registry
     insecure_registries: tuple[str, ...] = ()  # --insecure-registry hosts
+    provenance: Path | None = None  # --provenance FILE: an in-toto statement of SLSA provenance v1
+    dockerfile_source: bytes = b""  # the Dockerfile's bytes, for the provenance's digest of it
     rebuild: RebuildOptions | None = None  # set where a rebuild with nothing changed may skip the builder
 
 
@@ -142,6 +144,8 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
 
                     metadata["containerimage.pushed"] = ",".join(str(parse_remote(name)) for name in pushed_names)
                 _write_text(request.metadata_file, json.dumps(metadata, indent=2))
+            if request.provenance:
+                _write_provenance(request, solver, manifest.digest, names)
             progress.result(image_id, manifest.digest, names)
             if request.rebuild is not None and not solver.cache.unrecorded_inputs:
                 _remember_for_rebuild(root, request, solver, progress, image, image_id, manifest.digest, names)
@@ -149,6 +153,23 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
             progress.close()
     keep_cache_in_bounds(root)
     return BuildResult(image_id, manifest.digest, names)
+
+
+def _write_provenance(request: BuildRequest, solver: Solver, manifest: str, names: tuple[str, ...]) -> None:
+    from importlib.metadata import version
+
+    from builder.compare.provenance import statement
+
+    assert request.provenance is not None
+    name = request.dockerfile.filename
+    if request.dockerfile_path is not None and request.dockerfile_path.is_relative_to(request.context):
+        name = str(request.dockerfile_path.relative_to(request.context))  # never the checkout's own path
+    value = statement(manifest=manifest, names=names, dockerfile=request.dockerfile_source,
+                      dockerfile_name=name, context=request.context,
+                      dockerfile_path=request.dockerfile_path, build_args=request.build_args, target=request.target,
+                      named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
+                      base_images=solver.base_images, compression=request.compression, version=version("pybuild"))
+    _write_text(request.provenance, json.dumps(value, indent=2) + "\n")
 
 
 def _gzip_throughout(solver: Solver, image):

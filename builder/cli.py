@@ -256,13 +256,15 @@ _INSECURE_HELP = "Allow plain HTTP to this registry host (loopback hosts and reg
 @click.option("--pull", is_flag=True, help="Ask the registry for every FROM image, even those the store has.")
 @click.option("--push", is_flag=True, help="Push the image to the registry of each -t name.")
 @click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST", help=_INSECURE_HELP)
+@click.option("--provenance", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write an in-toto statement of SLSA provenance v1 for the image to this file.")
 @click.pass_obj
 def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ...], build_args: tuple[str, ...],
           target: str | None, no_cache: bool, no_cache_filter: tuple[str, ...], cache_from: tuple[str, ...],
           cache_to: tuple[str, ...], dry_run: bool, progress: str, quiet: bool, outputs: tuple[str, ...],
           iidfile: Path | None, metadata_file: Path | None, secrets: tuple[str, ...], network: str,
           build_contexts: tuple[str, ...], compression: str | None, platform: str | None, pull: bool, push: bool,
-          insecure: tuple[str, ...]) -> None:
+          insecure: tuple[str, ...], provenance: Path | None) -> None:
     """Build an image from the Dockerfile in CONTEXT."""
     try:
         if not stat.S_ISDIR(context.stat().st_mode):
@@ -283,7 +285,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
         if output.get("dest"):
             _check_writable(Path(output["dest"]), f"--output type={output['type']}",
                             directory=output["type"] == "local")
-    for path, what in ((iidfile, "--iidfile"), (metadata_file, "--metadata-file")):
+    for path, what in ((iidfile, "--iidfile"), (metadata_file, "--metadata-file"), (provenance, "--provenance")):
         if path is not None:
             _check_writable(path, what)
     dockerfile_path = None if file == "-" else Path(name).resolve()
@@ -298,7 +300,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     if push and not tags:
         raise PybuildError("--push needs a name to push to: give one with -t")
     if not (dry_run or no_cache or no_cache_filter or parsed_outputs or cache_sources or cache_targets or iidfile
-            or metadata_file or build_contexts or secrets or dockerfile_path is None or pull or push):
+            or metadata_file or build_contexts or secrets or dockerfile_path is None or pull or push or provenance):
         from builder.rebuild import RebuildOptions, fast_rebuild
 
         rebuild = RebuildOptions(
@@ -339,6 +341,8 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
             pull=pull,
             push=push,
             insecure_registries=insecure,
+            provenance=provenance,
+            dockerfile_source=source,
             rebuild=rebuild,
             cache_to=cache_targets,
             no_cache_stages=frozenset(name.strip() for text in no_cache_filter for name in text.split(",")
@@ -791,10 +795,13 @@ def diff_command(store_root: Path, image_a: str, image_b: str, output_format: st
 @click.option("--format", "output_format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--progress", type=click.Choice(["auto", "plain", "tty"]), default="auto", show_default=True,
               help="How to show the rebuild's progress (on stderr; standard output is the report's).")
+@click.option("--provenance", type=click.Path(dir_okay=False, path_type=Path),
+              help="Take build args, target, named contexts and epoch from this provenance statement, and check "
+                   "that the image, Dockerfile and context are the ones it names.")
 @click.pass_obj
 def verify(store_root: Path, image: str, context: Path, file: str | None, build_args: tuple[str, ...],
            target: str | None, build_contexts: tuple[str, ...], source_date_epoch: int | None, output_format: str,
-           progress: str) -> None:
+           progress: str, provenance: Path | None) -> None:
     """Rebuild IMAGE from its source with no cache and compare: exit 0 when identical, 1 with what differs and
     why, 2 when the rebuild failed. IMAGE is a name or ID in the store, oci-archive:PATH or oci-layout:DIR[:REF]."""
     from builder.compare.verify import VerifyRequest
@@ -811,7 +818,7 @@ def verify(store_root: Path, image: str, context: Path, file: str | None, build_
             image=image, context=context.resolve(), dockerfile=parsed(source, name, root / "cache"),
             dockerfile_path=Path(name).resolve(), build_args=_key_values(build_args, "--build-arg"), target=target,
             named_contexts=_key_values(build_contexts, "--build-context"), source_date_epoch=source_date_epoch,
-            progress=progress)
+            progress=progress, provenance=provenance, dockerfile_source=source)
         with shared_lease(root):
             comparison = verify_image(root, request)
     except PybuildError as exc:

@@ -67,11 +67,12 @@ class Comparison:
     layers: list[LayerComparison]
     config: list[ConfigDifference]
     causes: list[str]
+    provenance: list[str] = field(default_factory=list)  # where the source is not what a provenance names
 
     @property
     def identical(self) -> bool:
-        return self.a.manifest == self.b.manifest or (
-            all(layer.status == "equal" for layer in self.layers) and not self.config)
+        return not self.provenance and (self.a.manifest == self.b.manifest or (
+            all(layer.status == "equal" for layer in self.layers) and not self.config))
 
 
 def _layer_steps(image: Image) -> list[str | None]:
@@ -285,6 +286,7 @@ def render_text(comparison: Comparison, dockerfile: str = "Dockerfile") -> list[
     for difference in comparison.config:
         lines.append(f"config: {difference.field}: {json.dumps(difference.a)} → {json.dumps(difference.b)}")
     lines.extend(f"cause: {cause}" for cause in comparison.causes)
+    lines.extend(f"provenance: {mismatch}" for mismatch in comparison.provenance)
     differing = sum(layer.status != "equal" for layer in comparison.layers)
     files = sum(len(layer.files) for layer in comparison.layers)
     lines.append(f"differs: {differing} of {len(comparison.layers)} layers ({files} files), "
@@ -310,4 +312,5 @@ def to_json(comparison: Comparison) -> dict[str, Any]:
                    for layer in comparison.layers],
         "config": [{"field": item.field, "a": item.a, "b": item.b} for item in comparison.config],
         "causes": comparison.causes,
+        "provenance": comparison.provenance,
     }

@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -39,6 +39,8 @@ class VerifyRequest:
     named_contexts: Mapping[str, str]
     source_date_epoch: int | None
     progress: str
+    provenance: Path | None = None
+    dockerfile_source: bytes = b""
 
 
 def side(store: ImageStore, reference: str, stored: StoredImage | None = None) -> Side:
@@ -75,12 +77,41 @@ def line_finder(dockerfile: Dockerfile) -> Callable[[str], int | None]:
     return line_of
 
 
+def _with_provenance(request: VerifyRequest, manifest: str) -> tuple[VerifyRequest, list[str]]:
+    """The rebuild's parameters from a provenance statement, and where the source given is not what it names."""
+    import hashlib
+
+    from builder.compare.provenance import context_digest, read_provenance
+
+    assert request.provenance is not None
+    statement = read_provenance(request.provenance)
+    mismatches = []
+    if statement.subject != manifest:
+        mismatches.append(f"the image is not the provenance's subject ({manifest} vs {statement.subject})")
+    dockerfile = hashlib.sha256(request.dockerfile_source).hexdigest()
+    if dockerfile != statement.dockerfile_sha256:
+        mismatches.append(f"the Dockerfile is not the one the provenance names (sha256:{dockerfile} vs "
+                          f"sha256:{statement.dockerfile_sha256})")
+    context, _ = context_digest(request.context, request.dockerfile_path)
+    if context != statement.context_sha256:
+        mismatches.append(f"the context is not the one the provenance names (sha256:{context} vs "
+                          f"sha256:{statement.context_sha256})")
+    return replace(request, build_args={**statement.build_args, **request.build_args},
+                   target=request.target or statement.target,
+                   named_contexts={**statement.named_contexts, **request.named_contexts},
+                   source_date_epoch=request.source_date_epoch if request.source_date_epoch is not None
+                   else statement.source_date_epoch), mismatches
+
+
 def verify(store_root: Path, request: VerifyRequest) -> Comparison:
     """Rebuild ``request.image`` from its source and compare (A: the image, B: the rebuild)."""
     from builder.build import BuildRequest, run_build
 
     store = ImageStore(store_root)
     target = store.open(request.image)
+    mismatches: list[str] = []
+    if request.provenance is not None:
+        request, mismatches = _with_provenance(request, target.manifest.digest)
     epoch = request.source_date_epoch if request.source_date_epoch is not None else epoch_of(target.created)
     scratch = store_root / "tmp" / f"verify-{os.getpid()}-{secrets.token_hex(4)}"
     scratch.mkdir(parents=True)
@@ -107,7 +138,8 @@ def verify(store_root: Path, request: VerifyRequest) -> Comparison:
         except PybuildError as exc:
             raise RebuildFailed(f"the rebuild failed: {exc.render()}") from None
         rebuilt = rebuilt_store.resolve(result.manifest_digest)
-        return compare_images(side(store, request.image, target), side(rebuilt_store, "the rebuild", rebuilt),
-                              line_finder(request.dockerfile))
+        comparison = compare_images(side(store, request.image, target), side(rebuilt_store, "the rebuild", rebuilt),
+                                    line_finder(request.dockerfile))
+        return replace(comparison, provenance=mismatches)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
