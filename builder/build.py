@@ -14,7 +14,7 @@ from builder.oci.store import atomic_file
 from builder.progress import make_progress
 from builder.rebuild import RebuildOptions
 from builder.sandbox.parent import Interpreter
-from builder.solver import BuildOptions, SecretSource, Solver
+from builder.solver import BuildOptions, SecretSource, Solver, Variation
 from cache.leases import shared_lease
 from parser.errors import PybuildError
 from parser.instructions import Dockerfile
@@ -50,6 +50,7 @@ class BuildRequest:
     insecure_registries: tuple[str, ...] = ()  # --insecure-registry hosts
     provenance: Path | None = None  # --provenance FILE: an in-toto statement of SLSA provenance v1
     dockerfile_source: bytes = b""  # the Dockerfile's bytes, for the provenance's digest of it
+    variation: Variation | None = None  # conditions varied for RUN (--check-reproducible's second build)
     rebuild: RebuildOptions | None = None  # set where a rebuild with nothing changed may skip the builder
 
 
@@ -90,6 +91,7 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                 dockerfile_path=request.dockerfile_path, no_cache=request.no_cache,
                 no_cache_stages=request.no_cache_stages, cache_from=request.cache_from, cache_to=request.cache_to,
                 dry_run=request.dry_run, pull=request.pull, insecure_registries=request.insecure_registries,
+                variation=request.variation,
             )
             solver = Solver(graph, options, progress, root, interpreter)
             image = solver.solve()

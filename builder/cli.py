@@ -258,13 +258,16 @@ _INSECURE_HELP = "Allow plain HTTP to this registry host (loopback hosts and reg
 @click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST", help=_INSECURE_HELP)
 @click.option("--provenance", type=click.Path(dir_okay=False, path_type=Path),
               help="Write an in-toto statement of SLSA provenance v1 for the image to this file.")
+@click.option("--check-reproducible", "check_reproducible", is_flag=True,
+              help="Build again with no cache under other conditions (host name, TZ, locale, umask, one CPU, "
+                   "another path) and say what differs, if anything; exit 1 when it does.")
 @click.pass_obj
 def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ...], build_args: tuple[str, ...],
           target: str | None, no_cache: bool, no_cache_filter: tuple[str, ...], cache_from: tuple[str, ...],
           cache_to: tuple[str, ...], dry_run: bool, progress: str, quiet: bool, outputs: tuple[str, ...],
           iidfile: Path | None, metadata_file: Path | None, secrets: tuple[str, ...], network: str,
           build_contexts: tuple[str, ...], compression: str | None, platform: str | None, pull: bool, push: bool,
-          insecure: tuple[str, ...], provenance: Path | None) -> None:
+          insecure: tuple[str, ...], provenance: Path | None, check_reproducible: bool) -> None:
     """Build an image from the Dockerfile in CONTEXT."""
     try:
         if not stat.S_ISDIR(context.stat().st_mode):
@@ -300,7 +303,8 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     if push and not tags:
         raise PybuildError("--push needs a name to push to: give one with -t")
     if not (dry_run or no_cache or no_cache_filter or parsed_outputs or cache_sources or cache_targets or iidfile
-            or metadata_file or build_contexts or secrets or dockerfile_path is None or pull or push or provenance):
+            or metadata_file or build_contexts or secrets or dockerfile_path is None or pull or push or provenance
+            or check_reproducible):
         from builder.rebuild import RebuildOptions, fast_rebuild
 
         rebuild = RebuildOptions(
@@ -348,7 +352,9 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
             no_cache_stages=frozenset(name.strip() for text in no_cache_filter for name in text.split(",")
                                       if name.strip()),
         )
-        run_build(request, root, interpreter=interpreter)
+        result = run_build(request, root, interpreter=interpreter)
+        if check_reproducible and not dry_run:
+            _check_reproducible(root, request, result.manifest_digest, name)
     except PybuildError as exc:
         if exc.location is not None and exc.source_line is None and exc.location.file == name:
             lines = source.decode("utf-8", "replace").splitlines()
@@ -361,6 +367,29 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     finally:
         if interpreter is not None:
             interpreter.close()  # unless a RUN used it
+
+
+def _check_reproducible(root: Path, request, manifest: str, dockerfile_name: str) -> None:
+    """The second build of --check-reproducible, compared with the first; ends with 1 when they differ."""
+    from builder.compare.verify import VerifyRequest, verify
+    from builder.solver import Variation
+
+    variation = Variation(hostname="pybuild-check",
+                          env=(("TZ", "Asia/Shanghai"), ("LANG", "tr_TR.UTF-8"), ("LC_ALL", "tr_TR.UTF-8")))
+    check = VerifyRequest(
+        image=manifest, context=request.context, dockerfile=request.dockerfile,
+        dockerfile_path=request.dockerfile_path, build_args=request.build_args, target=request.target,
+        named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
+        progress="silent" if request.progress == "quiet" else "plain", secrets=request.secrets,
+        network=request.network, variation=variation)
+    comparison = verify(root, check)
+    if comparison.identical:
+        click.echo(f"reproducible: {manifest} (built again with another host name, TZ, locale, umask, one CPU "
+                   "and another path)", err=True)
+        return
+    for line in _comparison_lines(comparison, Path(dockerfile_name).name):
+        click.echo(line, err=True)
+    raise _Finished(1)
 
 
 def _start_sandbox_early(source: bytes) -> Interpreter | None:
@@ -731,16 +760,22 @@ def logout(server: str) -> None:
 
 def _report(comparison, output_format: str, verb: str, dockerfile: str = "Dockerfile") -> NoReturn:
     """Print a comparison and end: 0 when the images are the same, 1 when not."""
-    from builder.compare.images import render_text, to_json
+    from builder.compare.images import to_json
 
     if output_format == "json":
         click.echo(json.dumps(to_json(comparison), indent=2))
     elif comparison.identical:
         click.echo(f"{verb}: {comparison.b.manifest}")
     else:
-        for line in render_text(comparison, dockerfile):
+        for line in _comparison_lines(comparison, dockerfile):
             click.echo(line)
     raise _Finished(0 if comparison.identical else 1)
+
+
+def _comparison_lines(comparison, dockerfile: str) -> list[str]:
+    from builder.compare.images import render_text
+
+    return render_text(comparison, dockerfile)
 
 
 class _Finished(Exception):

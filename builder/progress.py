@@ -280,4 +280,6 @@ def make_progress(mode: str) -> Progress:
     """``auto`` picks the live view on a terminal and plain lines otherwise, as docker build does."""
     if mode == "auto":
         mode = "tty" if sys.stderr.isatty() else "plain"
-    return {"tty": TerminalProgress, "plain": PlainProgress, "quiet": QuietProgress, "json": JsonProgress}[mode]()
+    # silent: nothing at all (a build pybuild makes for its own checks, beside one that shows progress)
+    return {"tty": TerminalProgress, "plain": PlainProgress, "quiet": QuietProgress, "json": JsonProgress,
+            "silent": Progress}[mode]()

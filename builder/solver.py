@@ -80,6 +80,17 @@ class BuildOptions:
     dry_run: bool = False  # say which steps hit and which would run, and run none
     pull: bool = False  # --pull: ask the registry for every FROM image, even one the store has
     insecure_registries: tuple[str, ...] = ()  # --insecure-registry: hosts plain HTTP is allowed for
+    variation: Variation | None = None  # --check-reproducible's second build: other conditions for RUN
+
+
+@dataclass
+class Variation:
+    """Conditions a reproducible build must not depend on, set otherwise for RUN steps (none enters the image):
+    the sandbox's host name, and environment variables the image does not set (TZ, LANG...). (The builder's
+    own umask and CPUs are varied around the whole build; a RUN's umask is always 022, as runc sets it.)"""
+
+    hostname: str
+    env: tuple[tuple[str, str], ...]
 
 
 def _cache_sources(specs: tuple[Mapping[str, str], ...], insecure: tuple[str, ...], progress: Progress) -> tuple:
@@ -751,12 +762,16 @@ class StepContext:
             for name, value in (("HOME", user_home(root, ids.uid)),
                                 ("SOURCE_DATE_EPOCH", str(self.solver.options.source_date_epoch))):
                 env.setdefault(name, value)
+            variation = self.solver.options.variation
+            for name, value in variation.env if variation else ():
+                env.setdefault(name, value)
             with contextlib.ExitStack() as stack:
                 sandbox_mounts = [self._sandbox_mount(stack, mount, env, op.location) for mount in op.mounts]
                 spec = sandbox.SandboxSpec(
                     rootfs=root, argv=op.argv, env=tuple(env.items()), cwd=op.cwd, uid=ids.uid, gid=ids.gid,
                     groups=ids.groups, network="none" if network == "none" else "host",
                     mounts=tuple(item for item in sandbox_mounts if item is not None), scripts=op.scripts,
+                    **({"hostname": variation.hostname} if variation else {}),
                 )
                 try:
                     code = sandbox.run(spec, lambda data: progress.output(step, data),

@@ -13,15 +13,19 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from builder.compare.images import Comparison, Side, compare_images
 from builder.oci.image import MEDIA_LAYER_GZIP
 from builder.oci.store import ImageStore, StoredImage
 from parser.errors import PybuildError
 from parser.instructions import Dockerfile, From
+
+if TYPE_CHECKING:
+    from builder.solver import SecretSource, Variation
 
 
 class RebuildFailed(PybuildError):
@@ -39,8 +43,11 @@ class VerifyRequest:
     named_contexts: Mapping[str, str]
     source_date_epoch: int | None
     progress: str
+    secrets: Mapping[str, SecretSource] = field(default_factory=dict)
+    network: str = "default"
     provenance: Path | None = None
     dockerfile_source: bytes = b""
+    variation: Variation | None = None  # --check-reproducible: other conditions for the rebuild's RUN steps
 
 
 def side(store: ImageStore, reference: str, stored: StoredImage | None = None) -> Side:
@@ -132,11 +139,20 @@ def verify(store_root: Path, request: VerifyRequest) -> Comparison:
             dockerfile=request.dockerfile, context=request.context, dockerfile_path=request.dockerfile_path,
             build_args=build_args, target=request.target, named_contexts=request.named_contexts,
             compression="gzip" if gzip else "zstd", progress=request.progress, source_date_epoch=epoch,
-            no_cache=True)
+            no_cache=True, variation=request.variation, secrets=request.secrets, network=request.network)
+        cpus, umask = os.sched_getaffinity(0), None
         try:
+            if request.variation is not None:
+                umask = os.umask(0o077)  # the builder's umask must not reach a layer
+                if len(cpus) > 1:
+                    os.sched_setaffinity(0, {min(cpus)})  # one CPU: another parallelism
             result = run_build(rebuild, scratch)
         except PybuildError as exc:
             raise RebuildFailed(f"the rebuild failed: {exc.render()}") from None
+        finally:
+            if umask is not None:
+                os.umask(umask)
+                os.sched_setaffinity(0, cpus)
         rebuilt = rebuilt_store.resolve(result.manifest_digest)
         comparison = compare_images(side(store, request.image, target), side(rebuilt_store, "the rebuild", rebuilt),
                                     line_finder(request.dockerfile))
