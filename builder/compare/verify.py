@@ -148,7 +148,7 @@ def verify(store_root: Path, request: VerifyRequest) -> Comparison:
                     os.sched_setaffinity(0, {min(cpus)})  # one CPU: another parallelism
             result = run_build(rebuild, scratch)
         except PybuildError as exc:
-            raise RebuildFailed(f"the rebuild failed: {exc.render()}") from None
+            raise RebuildFailed(f"the rebuild failed: {exc.render().splitlines()[0]}", hint=exc.hint) from None
         finally:
             if umask is not None:
                 os.umask(umask)
