@@ -111,12 +111,19 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                 image = _gzip_throughout(solver, image)
             manifest = solver.store.write_image(image, names)
             image_id = sha256_digest(config_json(image))  # docker's image ID: the config blob write_image stored
+            statement = _write_provenance(request, solver, manifest.digest, names) if request.provenance else None
             for output in request.outputs:
-                from builder.oci.exporter import with_gzip_layers, write_oci_archive, write_rootfs
+                from builder.oci.exporter import attestation_index, with_gzip_layers, write_oci_archive, write_rootfs
 
                 kind = output["type"]
                 if kind == "oci":
-                    write_oci_archive(solver.store, [(manifest, names)], Path(output["dest"]))
+                    attached = {}
+                    if statement is not None:  # the provenance travels with the image, as BuildKit attaches it
+                        from builder.compare.provenance import PREDICATE_TYPE
+
+                        attached[manifest.digest] = attestation_index(solver.store, manifest, statement,
+                                                                      PREDICATE_TYPE)
+                    write_oci_archive(solver.store, [(manifest, names)], Path(output["dest"]), attached)
                 elif kind == "docker":
                     gzipped = solver.store.write_image(with_gzip_layers(solver.store, image), ())
                     write_oci_archive(solver.store, [(gzipped, names)], Path(output["dest"]))
@@ -146,8 +153,6 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
 
                     metadata["containerimage.pushed"] = ",".join(str(parse_remote(name)) for name in pushed_names)
                 _write_text(request.metadata_file, json.dumps(metadata, indent=2))
-            if request.provenance:
-                _write_provenance(request, solver, manifest.digest, names)
             progress.result(image_id, manifest.digest, names)
             if request.rebuild is not None and not solver.cache.unrecorded_inputs:
                 _remember_for_rebuild(root, request, solver, progress, image, image_id, manifest.digest, names)
@@ -157,7 +162,8 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
     return BuildResult(image_id, manifest.digest, names)
 
 
-def _write_provenance(request: BuildRequest, solver: Solver, manifest: str, names: tuple[str, ...]) -> None:
+def _write_provenance(request: BuildRequest, solver: Solver, manifest: str, names: tuple[str, ...]) -> bytes:
+    """Write the provenance statement to its file; returns its bytes (an OCI output attaches them too)."""
     from importlib.metadata import version
 
     from builder.compare.provenance import statement
@@ -171,7 +177,10 @@ def _write_provenance(request: BuildRequest, solver: Solver, manifest: str, name
                       dockerfile_path=request.dockerfile_path, build_args=request.build_args, target=request.target,
                       named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
                       base_images=solver.base_images, compression=request.compression, version=version("pybuild"))
-    _write_text(request.provenance, json.dumps(value, indent=2) + "\n")
+    data = (json.dumps(value, indent=2) + "\n").encode()
+    with atomic_file(request.provenance) as file:
+        file.write(data)
+    return data
 
 
 def _gzip_throughout(solver: Solver, image):

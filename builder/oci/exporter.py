@@ -21,8 +21,11 @@ from typing import BinaryIO
 
 from builder.fs.untar import extract_tar, open_layer
 from builder.oci.image import (
+    MEDIA_CONFIG,
+    MEDIA_INDEX,
     MEDIA_LAYER,
     MEDIA_LAYER_GZIP,
+    MEDIA_MANIFEST,
     REF_NAME_ANNOTATION,
     Descriptor,
     Image,
@@ -61,9 +64,40 @@ def _blob_member(digest: str) -> str:
     return "blobs/sha256/" + digest.removeprefix("sha256:")
 
 
-def write_oci_archive(store: ImageStore, images: Sequence[tuple[Descriptor, Sequence[str]]], dest: Path) -> None:
-    """Write ``images`` (manifest descriptor, names) to ``dest`` atomically: a failure leaves no partial file."""
+ATTESTATION_TYPE = "application/vnd.in-toto+json"
+PREDICATE_ANNOTATION = "in-toto.io/predicate-type"
+
+
+def attestation_index(store: ImageStore, manifest: Descriptor, statement: bytes, predicate_type: str) -> Descriptor:
+    """An image index of the image's manifest and an attestation manifest carrying ``statement``, as BuildKit
+    attaches provenance (the attestation's platform unknown/unknown, its annotations naming the image's digest),
+    so registries and skopeo copy it with the image. Its blobs go into the store."""
+    statement_digest = store.blobs.put_bytes(statement)
+    config = canonical_json({"architecture": "unknown", "os": "unknown", "config": {},
+                             "rootfs": {"type": "layers", "diff_ids": [statement_digest]}})
+    config_digest = store.blobs.put_bytes(config)
+    attestation = canonical_json({
+        "schemaVersion": 2, "mediaType": MEDIA_MANIFEST,
+        "config": {"mediaType": MEDIA_CONFIG, "digest": config_digest, "size": len(config)},
+        "layers": [{"mediaType": ATTESTATION_TYPE, "digest": statement_digest, "size": len(statement),
+                    "annotations": {PREDICATE_ANNOTATION: predicate_type}}]})
+    attestation_descriptor = Descriptor(
+        MEDIA_MANIFEST, store.blobs.put_bytes(attestation), len(attestation),
+        annotations=(("vnd.docker.reference.digest", manifest.digest),
+                     ("vnd.docker.reference.type", "attestation-manifest")),
+        platform=(("architecture", "unknown"), ("os", "unknown")))
+    index = index_json([manifest, attestation_descriptor])
+    return Descriptor(MEDIA_INDEX, store.blobs.put_bytes(index), len(index))
+
+
+def write_oci_archive(store: ImageStore, images: Sequence[tuple[Descriptor, Sequence[str]]], dest: Path,
+                      attestations: dict[str, Descriptor] | None = None) -> None:
+    """Write ``images`` (manifest descriptor, names) to ``dest`` atomically: a failure leaves no partial file.
+
+    ``attestations``: for a manifest digest, the image index (``attestation_index``) to name instead of it.
+    """
     dest = Path(dest)
+    attestations = attestations or {}
     # One image given twice (say, by two of its names) is one image with both names.
     named: dict[str, tuple[Descriptor, list[str]]] = {}
     for descriptor, names in images:
@@ -78,6 +112,13 @@ def write_oci_archive(store: ImageStore, images: Sequence[tuple[Descriptor, Sequ
         for item in (descriptor.to_json(), config, *layers):
             blobs[item["digest"]] = int(item["size"])
         plain = Descriptor(descriptor.media_type, descriptor.digest, descriptor.size, platform=descriptor.platform)
+        if descriptor.digest in attestations:
+            plain = attestations[descriptor.digest]
+            for item in json.loads(store.blobs.read_bytes(plain.digest))["manifests"][1:]:
+                attestation = json.loads(store.blobs.read_bytes(item["digest"]))
+                for part in (item, attestation["config"], *attestation["layers"]):
+                    blobs[part["digest"]] = int(part["size"])
+            blobs[plain.digest] = plain.size
         short_names = list(dict.fromkeys(normalize_name(name) for name in names))
         # ref.name carries the familiar name (skopeo's oci-archive:FILE:NAME and podman read it);
         # containerd reads its own annotation, which wants the fully qualified name.
