@@ -942,12 +942,14 @@ def _replicate_directories(view: Path, layer_dir: Path, path: Path) -> None:
 
 
 def sweep_stale_scratch(tmp_root: Path, unpacking: Path) -> None:
-    """Remove what killed builds left half made: step dirs, blob temp files, snapshots being unpacked or removed.
+    """Remove what killed builds left half made: step dirs, blob temp files, verify's scratch stores (a step still
+    running when verify was interrupted keeps its mount, and so its dir, until the process ends), snapshots being
+    unpacked or removed.
 
     Each is named ``<kind>-<pid>-<random>`` by the process that made it; those whose process is gone go.
     """
-    for pattern, directory in (("step-*-*", tmp_root), (".blob-*-*", tmp_root), ("unpack-*-*", unpacking),
-                               ("remove-*-*", unpacking)):
+    for pattern, directory in (("step-*-*", tmp_root), (".blob-*-*", tmp_root), ("verify-*-*", tmp_root),
+                               ("unpack-*-*", unpacking), ("remove-*-*", unpacking)):
         for entry in directory.glob(pattern):
             pid = entry.name.split("-")[1]
             if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():

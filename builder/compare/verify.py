@@ -120,6 +120,10 @@ def verify(store_root: Path, request: VerifyRequest) -> Comparison:
     if request.provenance is not None:
         request, mismatches = _with_provenance(request, target.manifest.digest)
     epoch = request.source_date_epoch if request.source_date_epoch is not None else epoch_of(target.created)
+    from builder.fs.snapshot import Snapshots
+    from builder.solver import sweep_stale_scratch
+
+    sweep_stale_scratch(store_root / "tmp", Snapshots(store_root / "snapshots").unpacking())
     scratch = store_root / "tmp" / f"verify-{os.getpid()}-{secrets.token_hex(4)}"
     scratch.mkdir(parents=True)
     try:
