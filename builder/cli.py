@@ -758,7 +758,7 @@ def logout(server: str) -> None:
         click.echo(f"Not logged in to {registry}")
 
 
-def _report(comparison, output_format: str, verb: str, dockerfile: str = "Dockerfile") -> NoReturn:
+def _show_comparison(comparison, output_format: str, verb: str, dockerfile: str = "Dockerfile") -> NoReturn:
     """Print a comparison and end: 0 when the images are the same, 1 when not."""
     from builder.compare.images import to_json
 
@@ -814,7 +814,7 @@ def diff_command(store_root: Path, image_a: str, image_b: str, output_format: st
             comparison = compare_images(side(store, image_a), side(store, image_b))
     except PybuildError as exc:
         raise _exit_2(exc) from None
-    _report(comparison, output_format, "identical")
+    _show_comparison(comparison, output_format, "identical")
 
 
 @cli.command()
@@ -858,7 +858,7 @@ def verify(store_root: Path, image: str, context: Path, file: str | None, build_
             comparison = verify_image(root, request)
     except PybuildError as exc:
         raise _exit_2(exc) from None
-    _report(comparison, output_format, "verified", Path(name).name)
+    _show_comparison(comparison, output_format, "verified", Path(name).name)
 
 
 @cli.command()

@@ -576,15 +576,15 @@ class StepContext:
 
         solver = self.solver
         options = solver.options
-        pullable = _pullable(reference)
-        if not (options.pull and pullable):
+        from_registry = pullable(reference)
+        if not (options.pull and from_registry):
             try:
                 stored = solver.store.resolve(reference)
             except ImageNotFound:
-                if not pullable:
+                if not from_registry:
                     raise
             else:
-                if pullable:
+                if from_registry:
                     solver.base_images.setdefault(reference, _resolved(reference, solver.store.digest_of(reference)))
                 return stored.image
         if options.dry_run:
@@ -893,7 +893,7 @@ def _resolved(reference: str, digest: str) -> str:
     return f"{remote.registry}/{remote.repository}@{digest}"
 
 
-def _pullable(reference: str) -> bool:
+def pullable(reference: str) -> bool:
     """A reference a registry could serve: a name (with a tag or digest), not an image ID."""
     from builder.oci.store import _HEX_PREFIX, _REFERENCE
 

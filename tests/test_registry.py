@@ -973,3 +973,19 @@ def test_chunked_upload_of_a_large_blob(builder: Client, plain: Registry, proxy:
     assert len(large) == 2  # busybox's layer and the noise
     assert len(patches) == sum(-(-size // 400_000) for size in large), [entry.path for entry in patches]
     assert inspect(plain, plain.ref(repository, "1")).digest == pushed.digest
+
+
+def test_diff_and_verify_read_a_registry_reference(builder: Client, plain: Registry, tmp_path: Path) -> None:
+    """An image by registry reference is read for the comparison and not named in the store."""
+    repository = unique("verify/app")
+    ref = plain.ref(repository, "1")
+    context = app_context(tmp_path / "ctx", repository)
+    builder.build(context, "-t", ref, "--push")  # --push pushes every -t name, as docker's does
+    builder.run("tag", ref, "local-app")
+    builder.run("rmi", ref)
+    names = builder.image_names()
+    done = builder.run("diff", ref, "local-app")
+    assert done.stdout.startswith("identical: sha256:"), done.stdout
+    done = builder.run("verify", ref, "--context", context)
+    assert done.stdout.startswith("verified: sha256:"), done.stdout
+    assert builder.image_names() == names

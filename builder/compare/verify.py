@@ -50,8 +50,27 @@ class VerifyRequest:
     variation: Variation | None = None  # --check-reproducible: other conditions for the rebuild's RUN steps
 
 
+def open_image(store: ImageStore, reference: str) -> StoredImage:
+    """An image by store reference, archive or layout, else from its registry (read, not named in the store)."""
+    from builder.oci.store import ImageNotFound
+    from builder.solver import pullable
+
+    try:
+        return store.open(reference)
+    except ImageNotFound:
+        if not pullable(reference):
+            raise
+    from builder.registry.pull import pull
+
+    try:
+        return pull(store, reference, keep=False).image
+    except PybuildError as exc:
+        raise PybuildError(f"image {reference!r} is not in the local store, and pulling it failed: {exc.message}",
+                           hint=exc.hint) from None
+
+
 def side(store: ImageStore, reference: str, stored: StoredImage | None = None) -> Side:
-    stored = stored or store.open(reference)
+    stored = stored or open_image(store, reference)
     config = json.loads(store.blobs.read_bytes(stored.image_id))
     return Side(reference, stored.manifest.digest, stored.image_id, stored.image, config, store.blobs.open)
 
@@ -115,7 +134,7 @@ def verify(store_root: Path, request: VerifyRequest) -> Comparison:
     from builder.build import BuildRequest, run_build
 
     store = ImageStore(store_root)
-    target = store.open(request.image)
+    target = open_image(store, request.image)
     mismatches: list[str] = []
     if request.provenance is not None:
         request, mismatches = _with_provenance(request, target.manifest.digest)

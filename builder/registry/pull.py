@@ -92,11 +92,12 @@ def _choose(children: tuple[Descriptor, ...], platform: tuple[str, str, str], la
 
 def pull(store: ImageStore, text: str, *, insecure: frozenset[str] | None = None, platform: str | None = None,
          report: Callable[[str], None] | None = None, registry: Registry | None = None,
-         unpack: Callable[[Image], None] | None = None) -> Pulled:
+         unpack: Callable[[Image], None] | None = None, keep: bool = True) -> Pulled:
     """Pull ``text`` (a reference) into ``store`` and name it there; returns the image and its registry digest.
 
     ``unpack`` is given the image before it is named (``pybuild pull`` unpacks its layers there), so an image
-    whose layers cannot be unpacked is never listed.
+    whose layers cannot be unpacked is never listed. ``keep`` False leaves it out of the store's names and list
+    (``verify`` and ``diff`` read it and leave its blobs to garbage collection).
     """
     reference = parse_remote(text)
     wanted = parse_platform(platform)
@@ -149,11 +150,12 @@ def pull(store: ImageStore, text: str, *, insecure: frozenset[str] | None = None
         for manifest_bytes in stored_manifests:  # last: a manifest in the store means its blobs are there
             store.blobs.put_bytes(manifest_bytes)
         names = [reference.local_name] if reference.tag and reference.local_name else []
-        store.name_entry(entry, names)
+        if keep:
+            store.name_entry(entry, names)
         BlobLocations(store.root, reference.registry).add(reference.repository, [blob.digest for blob in blobs])
     finally:
         registry.close()
-    image = store.resolve(digest)
+    image = store.resolve(digest) if keep else store.load_manifest(manifest, str(reference))
     if missing:
         say(f"pulled {reference}: {size_text(downloaded)} in {time.monotonic() - started:.1f} s")
     return Pulled(image, digest, reference, downloaded)
