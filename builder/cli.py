@@ -833,10 +833,12 @@ def diff_command(store_root: Path, image_a: str, image_b: str, output_format: st
 @click.option("--provenance", type=click.Path(dir_okay=False, path_type=Path),
               help="Take build args, target, named contexts and epoch from this provenance statement, and check "
                    "that the image, Dockerfile and context are the ones it names.")
+@click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=PATH|env=VAR",
+              help="A secret the build had (never stored; provenance never names one).")
 @click.pass_obj
 def verify(store_root: Path, image: str, context: Path, file: str | None, build_args: tuple[str, ...],
            target: str | None, build_contexts: tuple[str, ...], source_date_epoch: int | None, output_format: str,
-           progress: str, provenance: Path | None) -> None:
+           progress: str, provenance: Path | None, secrets: tuple[str, ...]) -> None:
     """Rebuild IMAGE from its source with no cache and compare: exit 0 when identical, 1 with what differs and
     why, 2 when the rebuild failed. IMAGE is a name or ID in the store, oci-archive:PATH or oci-layout:DIR[:REF]."""
     from builder.compare.verify import VerifyRequest
@@ -853,7 +855,7 @@ def verify(store_root: Path, image: str, context: Path, file: str | None, build_
             image=image, context=context.resolve(), dockerfile=parsed(source, name, root / "cache"),
             dockerfile_path=Path(name).resolve(), build_args=_key_values(build_args, "--build-arg"), target=target,
             named_contexts=_key_values(build_contexts, "--build-context"), source_date_epoch=source_date_epoch,
-            progress=progress, provenance=provenance, dockerfile_source=source)
+            progress=progress, provenance=provenance, dockerfile_source=source, secrets=_secrets(secrets))
         with shared_lease(root):
             comparison = verify_image(root, request)
     except PybuildError as exc:
