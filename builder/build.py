@@ -135,9 +135,9 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                 from builder.registry.reference import insecure_hosts
 
                 stored = solver.store.resolve(manifest.digest)
+                insecure = insecure_hosts(request.insecure_registries)
                 for name in dict.fromkeys(pushed_names):
-                    pushed = push(solver.store, stored, name, insecure=insecure_hosts(request.insecure_registries),
-                                  report=progress.message)
+                    pushed = push(solver.store, stored, name, insecure=insecure, report=progress.message)
                     progress.message(f"pushed {pushed.reference}: {pushed.digest} ({pushed.size} bytes)")
             if request.iidfile:
                 _write_text(request.iidfile, image_id)
@@ -177,10 +177,9 @@ def _write_provenance(request: BuildRequest, solver: Solver, manifest: str, name
                       dockerfile_path=request.dockerfile_path, build_args=request.build_args, target=request.target,
                       named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
                       base_images=solver.base_images, compression=request.compression, version=version("pybuild"))
-    data = (json.dumps(value, indent=2) + "\n").encode()
-    with atomic_file(request.provenance) as file:
-        file.write(data)
-    return data
+    text = json.dumps(value, indent=2) + "\n"
+    _write_text(request.provenance, text)
+    return text.encode()
 
 
 def _gzip_throughout(solver: Solver, image):

@@ -387,7 +387,9 @@ def _check_reproducible(root: Path, request, manifest: str, dockerfile_name: str
         click.echo(f"reproducible: {manifest} (built again with another host name, TZ, locale, umask, one CPU "
                    "and another path)", err=True)
         return
-    for line in _comparison_lines(comparison, Path(dockerfile_name).name):
+    from builder.compare.images import render_text
+
+    for line in render_text(comparison, Path(dockerfile_name).name):
         click.echo(line, err=True)
     raise _Finished(1)
 
@@ -436,11 +438,10 @@ def images(store_root: Path) -> None:
 
 
 def _size(size: int) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
-        size /= 1000
-    return str(size)
+    """docker's SIZE column: no space before the unit (``1.1MB``)."""
+    from builder.progress import size_text
+
+    return size_text(size, separator="")
 
 
 def _free_unused(root: Path, *, unnamed_images: bool = False, drop_cache: bool = False, drop_mounts: bool = False,
@@ -717,7 +718,7 @@ def login(server: str, username: str | None, password: str | None, password_stdi
     """Log in to a registry (Docker Hub when SERVER is omitted); the login is kept in docker's config.json."""
     from builder.registry.auth import Credentials, store_credentials
     from builder.registry.client import Registry
-    from builder.registry.reference import insecure_hosts, parse_remote, registry_of
+    from builder.registry.reference import insecure_hosts, registry_of
 
     registry = registry_of(server)
     if password is not None and password_stdin:
@@ -735,8 +736,7 @@ def login(server: str, username: str | None, password: str | None, password_stdi
     if not password:
         raise PybuildError("the password is empty")
     credentials = Credentials(username, password)
-    api_host = parse_remote(f"{registry}/probe").api_host
-    client = Registry(registry, api_host, insecure_hosts(insecure), credentials=credentials)
+    client = Registry(registry, insecure_hosts(insecure), credentials=credentials)
     client.verify_login()
     path = store_credentials(registry, credentials)
     click.echo("Login Succeeded")
@@ -760,22 +760,16 @@ def logout(server: str) -> None:
 
 def _show_comparison(comparison, output_format: str, verb: str, dockerfile: str = "Dockerfile") -> NoReturn:
     """Print a comparison and end: 0 when the images are the same, 1 when not."""
-    from builder.compare.images import to_json
+    from builder.compare.images import render_text, to_json
 
     if output_format == "json":
         click.echo(json.dumps(to_json(comparison), indent=2))
     elif comparison.identical:
         click.echo(f"{verb}: {comparison.b.manifest}")
     else:
-        for line in _comparison_lines(comparison, dockerfile):
+        for line in render_text(comparison, dockerfile):
             click.echo(line)
     raise _Finished(0 if comparison.identical else 1)
-
-
-def _comparison_lines(comparison, dockerfile: str) -> list[str]:
-    from builder.compare.images import render_text
-
-    return render_text(comparison, dockerfile)
 
 
 class _Finished(Exception):

@@ -276,6 +276,15 @@ def _cells(char: str) -> int:
     return 2 if unicodedata.east_asian_width(char) in "WF" else 0 if unicodedata.combining(char) else 1
 
 
+def size_text(size: float, separator: str = " ") -> str:
+    """A byte count as people read it, in powers of 1000 as docker shows sizes: ``1.1 MB``, ``724 B``."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.0f}{separator}{unit}" if unit == "B" else f"{size:.1f}{separator}{unit}"
+        size /= 1000
+    raise AssertionError("unreachable")
+
+
 def make_progress(mode: str) -> Progress:
     """``auto`` picks the live view on a terminal and plain lines otherwise, as docker build does."""
     if mode == "auto":

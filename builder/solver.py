@@ -579,13 +579,13 @@ class StepContext:
         from_registry = pullable(reference)
         if not (options.pull and from_registry):
             try:
-                stored = solver.store.resolve(reference)
+                digest, stored = solver.store.resolve_entry(reference)
             except ImageNotFound:
                 if not from_registry:
                     raise
             else:
                 if from_registry:
-                    solver.base_images.setdefault(reference, _resolved(reference, solver.store.digest_of(reference)))
+                    solver.base_images.setdefault(reference, _resolved(reference, digest))
                 return stored.image
         if options.dry_run:
             raise _StageRunsFirst(f"{reference} is pulled when the build runs")
@@ -606,7 +606,6 @@ class StepContext:
             resolved = _resolved(reference, pulled.digest)
             solver.base_images[reference] = resolved
         solver.progress.message(f"FROM {reference}: {resolved}")
-        solver.cache.unrecorded_inputs = solver.cache.unrecorded_inputs or options.pull
         return pulled.image.image
 
     @contextlib.contextmanager

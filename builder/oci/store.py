@@ -84,8 +84,8 @@ _LAYER_MEDIA_TYPES = {
     MEDIA_LAYER: MEDIA_LAYER, MEDIA_LAYER_GZIP: MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD: MEDIA_LAYER_ZSTD,
     DOCKER_LAYER: MEDIA_LAYER, DOCKER_LAYER_GZIP: MEDIA_LAYER_GZIP,
 }
-_MANIFEST_TYPES = (MEDIA_MANIFEST, DOCKER_MANIFEST)
-_INDEX_TYPES = (MEDIA_INDEX, DOCKER_MANIFEST_LIST)
+MANIFEST_TYPES = (MEDIA_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (MEDIA_INDEX, DOCKER_MANIFEST_LIST)
 
 _COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 _DOMAIN = r"(?:[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*(?::[0-9]+)?"
@@ -297,12 +297,12 @@ class ImageStore:
         of the platform that was pulled: only that one's blobs are stored.
         """
         source = source or str(self.root)
-        if manifest.media_type in _INDEX_TYPES:
+        if manifest.media_type in INDEX_TYPES:
             manifest = self._stored_platform(manifest, source)
         label = f"{source}: manifest {manifest.digest}"
         media_type, config, layer_descriptors = manifest_from_json(self._small_blob(manifest.digest, label), label)
         media_type = media_type or manifest.media_type
-        if media_type not in _MANIFEST_TYPES:
+        if media_type not in MANIFEST_TYPES:
             raise PybuildError(f"{label} is a {media_type or 'document of unknown type'}, not an image manifest")
         layers = tuple(self._layer(descriptor, label) for descriptor in layer_descriptors)
         config_label = f"{source}: image config {config.digest}"
@@ -325,7 +325,7 @@ class ImageStore:
         chosen = next((child for child in children if (dict(child.platform).get("os"),
                                                        dict(child.platform).get("architecture")) == (os_name, arch)),
                       children[0])
-        if chosen.media_type in _INDEX_TYPES:
+        if chosen.media_type in INDEX_TYPES:
             return self._stored_platform(chosen, source, depth + 1)
         return chosen
 
@@ -375,14 +375,14 @@ class ImageStore:
 
     def resolve(self, reference: str) -> StoredImage:
         """The image a name, a ``name@digest``, a manifest or config digest, or an image ID prefix refers to."""
+        return self.resolve_entry(reference)[1]
+
+    def resolve_entry(self, reference: str) -> tuple[str, StoredImage]:
+        """``resolve``, with the digest of the index.json entry found: the manifest or index its registry gave."""
         entries = self.entries()
         digest = self._find(reference, entries)
         manifest = next(entry for entry in entries if entry.digest == digest)
-        return self._load(_plain(manifest), self._names_of(entries, digest))
-
-    def digest_of(self, reference: str) -> str:
-        """The digest of the manifest or index the store keeps ``reference`` as (what its registry gave)."""
-        return self._find(reference, self.entries())
+        return digest, self._load(_plain(manifest), self._names_of(entries, digest))
 
     def _find(self, reference: str, entries: Sequence[Descriptor]) -> str:
         """The manifest digest of ``reference`` among index entries."""
@@ -399,6 +399,8 @@ class ImageStore:
             wanted = prefix.group(1)
             manifests = list(dict.fromkeys(entry.digest for entry in entries))
             found = {digest for digest in manifests if digest_hex(digest) == wanted}
+            if found and len(wanted) == 64:  # a whole manifest digest: no need to read every manifest for IDs
+                return found.pop()
             found |= {digest for digest in manifests if self._config_digest(digest)[len("sha256:"):].startswith(wanted)}
             if len(found) == 1:
                 return found.pop()
@@ -644,26 +646,16 @@ class ImageStore:
     def _pick_platform(self, entry: Descriptor, fetch: BlobFetcher, source: str, depth: int = 0) -> Descriptor:
         """A manifest descriptor; from a multi-platform index, this machine's platform (linux/amd64 here)."""
         fetch(entry)
-        if entry.media_type in _MANIFEST_TYPES:
+        if entry.media_type in MANIFEST_TYPES:
             return entry
-        if entry.media_type not in _INDEX_TYPES:
+        if entry.media_type not in INDEX_TYPES:
             raise PybuildError(f"{source}: index entry {entry.digest} has unsupported media type "
                                f"{entry.media_type!r:.100}")
         if depth >= MAX_INDEX_DEPTH:
             raise PybuildError(f"{source}: image index {entry.digest} nests more than {MAX_INDEX_DEPTH} indexes deep")
-        os_name, arch, variant = host_platform()
         label = f"{source}: image index {entry.digest}"
-        children = index_from_json(self._small_blob(entry.digest, label), label)
-        offered = []
-        for child in children:
-            platform = dict(child.platform)
-            offered.append("/".join(filter(None, (platform.get("os"), platform.get("architecture"),
-                                                  platform.get("variant")))))
-            if (platform.get("os"), platform.get("architecture")) == (os_name, arch) and (
-                    not variant or platform.get("variant", variant) == variant):
-                return self._pick_platform(child, fetch, source, depth + 1)
-        raise PybuildError(f"{source}: image index {entry.digest} has no {os_name}/{arch} image "
-                           f"(it offers {', '.join(offered) or 'none'})")
+        child = choose_platform(index_from_json(self._small_blob(entry.digest, label), label), host_platform(), label)
+        return self._pick_platform(child, fetch, source, depth + 1)
 
     def _images_from_docker(self, contents: ArchiveContents, path: Path) -> list[StoredImage]:
         images = []
@@ -695,6 +687,20 @@ class ImageStore:
         media_type = MEDIA_LAYER_GZIP if magic[:2] == b"\x1f\x8b" else (
             MEDIA_LAYER_ZSTD if magic == b"\x28\xb5\x2f\xfd" else MEDIA_LAYER)
         return Layer(diff_id="", digest=digest, size=self.blobs.path(digest).stat().st_size, media_type=media_type)
+
+
+def choose_platform(children: Sequence[Descriptor], platform: tuple[str, str, str], label: str) -> Descriptor:
+    """The entry of an image index for ``platform`` (os, architecture, variant; an empty variant takes any)."""
+    os_name, arch, variant = platform
+    offered = []
+    for child in children:
+        values = dict(child.platform)
+        offered.append("/".join(filter(None, (values.get("os"), values.get("architecture"), values.get("variant")))))
+        if (values.get("os"), values.get("architecture")) == (os_name, arch) and (
+                not variant or values.get("variant", variant) == variant):
+            return child
+    raise PybuildError(f"{label} has no {'/'.join(filter(None, platform))} image "
+                       f"(it offers {', '.join(offered) or 'none'})")
 
 
 def _single(images: list[StoredImage], source: str) -> StoredImage:

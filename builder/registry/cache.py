@@ -30,7 +30,7 @@ class RegistryCacheSource:
     def __init__(self, ref: str, insecure: Iterable[str] = (), warn: Callable[[str], None] | None = None) -> None:
         self.reference = parse_remote(ref)
         self.label = f"--cache-from type=registry,ref={ref}"
-        self.registry = Registry(self.reference.registry, self.reference.api_host, insecure_hosts(insecure))
+        self.registry = Registry(self.reference.registry, insecure_hosts(insecure))
         self.steps: dict[str, CachedStep] = {}
         repository = self.reference.repository
         try:
@@ -85,7 +85,7 @@ def push_cache(store: ImageStore, steps: list[CachedStep], ref: str, insecure: I
     reference = parse_remote(ref)
     if reference.digest:
         raise PybuildError(f"--cache-to type=registry,ref={ref}: name a tag, not a digest")
-    registry = Registry(reference.registry, reference.api_host, insecure_hosts(insecure))
+    registry = Registry(reference.registry, insecure_hosts(insecure))
     documents = cache_documents(steps)
     uploader = _Uploader(registry, store, reference, report or (lambda line: None))
     try:

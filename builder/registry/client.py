@@ -23,7 +23,7 @@ from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 from builder.registry.auth import Authenticator, Credentials
-from builder.registry.reference import plain_http_allowed
+from builder.registry.reference import api_host, plain_http_allowed
 from parser.errors import PybuildError
 
 ATTEMPTS = 5
@@ -67,10 +67,10 @@ def _error_text(body: bytes) -> tuple[str, tuple[str, ...]]:
 class Registry:
     """One registry host, shared by the threads of one command (each thread keeps its own connections)."""
 
-    def __init__(self, registry: str, api_host: str, insecure: frozenset[str] = frozenset(),
+    def __init__(self, registry: str, insecure: frozenset[str] = frozenset(),
                  credentials: Credentials | None | bool = False, pause: Callable[[float], None] = time.sleep) -> None:
         self.registry = registry
-        self.host = api_host
+        self.host = api_host(registry)
         self.plain_allowed = plain_http_allowed(registry, insecure)
         self.auth = Authenticator(registry, self._get_token, credentials)
         self.pause = pause

@@ -10,8 +10,6 @@ from dataclasses import dataclass, replace
 
 from builder.graph import host_platform
 from builder.oci.image import (
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
     MEDIA_INDEX,
     MEDIA_MANIFEST,
     Descriptor,
@@ -23,15 +21,14 @@ from builder.oci.image import (
     manifest_from_json,
     parse_json,
 )
-from builder.oci.store import ImageStore, StoredImage
+from builder.oci.store import INDEX_TYPES, MANIFEST_TYPES, ImageStore, StoredImage, choose_platform
+from builder.progress import size_text
 from builder.registry.client import Registry
 from builder.registry.reference import RemoteReference, insecure_hosts, parse_remote
-from builder.registry.transfer import BlobLocations, download_blob, get_manifest, size_text
+from builder.registry.transfer import BlobLocations, download_blob, get_manifest
 from parser.errors import PybuildError
 
-ACCEPT = (MEDIA_INDEX, DOCKER_MANIFEST_LIST, MEDIA_MANIFEST, DOCKER_MANIFEST)
-INDEX_TYPES = (MEDIA_INDEX, DOCKER_MANIFEST_LIST)
-MANIFEST_TYPES = (MEDIA_MANIFEST, DOCKER_MANIFEST)
+ACCEPT = (*INDEX_TYPES, *MANIFEST_TYPES)
 PARALLEL_DOWNLOADS = 3
 MAX_INDEX_DEPTH = 4
 
@@ -63,10 +60,6 @@ def _media_type(data: bytes, stated: str, label: str) -> str:
     raise PybuildError(f"{label} is a {stated or media_type or 'document of unknown type'}, not an image")
 
 
-def _platform_name(platform: tuple[str, str, str]) -> str:
-    return "/".join(part for part in platform if part)
-
-
 def parse_platform(text: str | None) -> tuple[str, str, str]:
     """``os/arch[/variant]``; None means this machine's."""
     if not text:
@@ -75,19 +68,6 @@ def parse_platform(text: str | None) -> tuple[str, str, str]:
     if len(parts) not in (2, 3) or not all(parts):
         raise PybuildError(f"--platform={text}: write it as os/arch or os/arch/variant (e.g. linux/amd64)")
     return parts[0], parts[1], parts[2] if len(parts) == 3 else ""
-
-
-def _choose(children: tuple[Descriptor, ...], platform: tuple[str, str, str], label: str) -> Descriptor:
-    os_name, arch, variant = platform
-    offered = []
-    for child in children:
-        values = dict(child.platform)
-        offered.append(_platform_name((values.get("os", ""), values.get("architecture", ""),
-                                       values.get("variant", ""))))
-        if (values.get("os"), values.get("architecture")) == (os_name, arch) and (
-                not variant or values.get("variant", variant) == variant):
-            return child
-    raise PybuildError(f"{label} has no {_platform_name(platform)} image (it offers {', '.join(offered) or 'none'})")
 
 
 def pull(store: ImageStore, text: str, *, insecure: frozenset[str] | None = None, platform: str | None = None,
@@ -102,7 +82,7 @@ def pull(store: ImageStore, text: str, *, insecure: frozenset[str] | None = None
     reference = parse_remote(text)
     wanted = parse_platform(platform)
     if registry is None:
-        registry = Registry(reference.registry, reference.api_host,
+        registry = Registry(reference.registry,
                             insecure if insecure is not None else insecure_hosts(()))
     say = report or (lambda line: None)
     started = time.monotonic()
@@ -116,7 +96,7 @@ def pull(store: ImageStore, text: str, *, insecure: frozenset[str] | None = None
         for _ in range(MAX_INDEX_DEPTH):
             if manifest.media_type not in INDEX_TYPES:
                 break
-            child = _choose(index_from_json(manifest_data, label), wanted, f"{label} (index {manifest.digest})")
+            child = choose_platform(index_from_json(manifest_data, label), wanted, f"{label} (index {manifest.digest})")
             manifest_data, stated, _ = get_manifest(registry, reference.repository, child.digest, ACCEPT)
             manifest = Descriptor(_media_type(manifest_data, stated, label), child.digest, len(manifest_data),
                                   platform=child.platform)
@@ -124,8 +104,8 @@ def pull(store: ImageStore, text: str, *, insecure: frozenset[str] | None = None
         else:
             raise PybuildError(f"{label}: image indexes nest more than {MAX_INDEX_DEPTH} deep")
         _, config, layers = manifest_from_json(manifest_data, f"{label}: manifest {manifest.digest}")
-        for layer in layers:
-            store._layer(layer, f"{label}: manifest {manifest.digest}")  # an unsupported layer type fails first
+        # an unsupported layer type fails before anything is downloaded
+        stored_layers = tuple(store._layer(layer, f"{label}: manifest {manifest.digest}") for layer in layers)
         blobs = [config, *layers]
         missing = [blob for blob in blobs if store.blobs.size_of(blob.digest) != blob.size]
         if missing:
@@ -133,8 +113,7 @@ def pull(store: ImageStore, text: str, *, insecure: frozenset[str] | None = None
                 f"({size_text(sum(blob.size for blob in missing))}) to download")
         downloaded = download_blob(registry, reference.repository, config, store.blobs, say)
         config_label = f"{label}: image config {config.digest}"
-        image = image_from_config(store.blobs.read_bytes(config.digest),
-                                  tuple(store._layer(layer, label) for layer in layers), config_label)
+        image = image_from_config(store.blobs.read_bytes(config.digest), stored_layers, config_label)
 
         def bring(layer: Layer) -> int:
             """Download a layer and unpack it at once, beside the other layers' downloads."""

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from builder.oci.image import Descriptor
+from builder.oci.image import Descriptor, manifest_from_json
 from builder.oci.store import ImageStore, StoredImage
 from builder.registry.client import Registry, RegistryError
 from builder.registry.reference import RemoteReference, insecure_hosts, parse_remote
@@ -161,14 +161,12 @@ def push(store: ImageStore, image: StoredImage, text: str, *, insecure: frozense
     reference = parse_remote(text)
     if reference.digest:
         raise PybuildError(f"cannot push to {text}: a push names a tag, not a digest")
-    registry = registry or Registry(reference.registry, reference.api_host,
+    registry = registry or Registry(reference.registry,
                                     insecure if insecure is not None else insecure_hosts(()))
     say = report or (lambda line: None)
     manifest = image.manifest
     data = store.blobs.read_bytes(manifest.digest)
     layers = [Descriptor(layer.media_type, layer.digest, layer.size) for layer in image.image.layers]
-    from builder.oci.image import manifest_from_json
-
     _, config, _ = manifest_from_json(data, f"manifest {manifest.digest}")
     uploader = _Uploader(registry, store, reference, say)
     try:

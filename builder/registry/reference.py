@@ -33,8 +33,7 @@ class RemoteReference:
 
     @property
     def api_host(self) -> str:
-        """The host the API is served from (Docker Hub's differs from its name)."""
-        return DOCKER_HUB_API if self.registry == DOCKER_HUB else self.registry
+        return api_host(self.registry)
 
     @property
     def reference(self) -> str:
@@ -53,6 +52,11 @@ class RemoteReference:
         if self.digest:
             text += f"@{self.digest}"
         return text
+
+
+def api_host(registry: str) -> str:
+    """The host a registry's API is served from (Docker Hub's differs from its name)."""
+    return DOCKER_HUB_API if registry == DOCKER_HUB else registry
 
 
 def _is_domain(component: str) -> bool:

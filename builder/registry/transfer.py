@@ -8,20 +8,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from builder.oci.image import Descriptor
+from builder.progress import size_text
 from builder.registry.client import ATTEMPTS, TRANSIENT_ERRORS, Registry, RegistryError
 from cache.blobs import CHUNK, BlobStore
 from cache.index import read_record, write_record
 from parser.errors import PybuildError
 
 Report = Callable[[str], None]
-
-
-def size_text(size: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if size < 1000 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
 
 
 def rate_text(size: int, seconds: float) -> str:
