@@ -176,7 +176,8 @@ def _write_provenance(request: BuildRequest, solver: Solver, manifest: str, name
                       dockerfile_name=name, context=request.context,
                       dockerfile_path=request.dockerfile_path, build_args=request.build_args, target=request.target,
                       named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
-                      base_images=solver.base_images, compression=request.compression, version=version("pybuild"))
+                      base_images=solver.base_images, compression=request.compression, version=version("pybuild"),
+                      path=request.provenance)
     text = json.dumps(value, indent=2) + "\n"
     _write_text(request.provenance, text)
     return text.encode()

@@ -76,11 +76,27 @@ def test_an_ignored_file_does_not_change_the_context_digest(store: Pybuild, tmp_
     first, _, source = build_with_provenance(store, tmp_path)
     (source / "ignored.txt").write_text("changed, but ignored\n")
     (source / "app.txt").touch()
-    second = json.loads(json.dumps(first))
     store.build(source, "-t", "app", "--build-arg", "VERSION=7", "--build-arg", "SOURCE_DATE_EPOCH=1700000000",
                 "--secret", f"id=token,src={tmp_path / 'token'}", "--provenance", tmp_path / "again.json")
     second = json.loads((tmp_path / "again.json").read_text())
     assert second == first
+
+
+def test_a_provenance_written_into_the_context_verifies(store: Pybuild, tmp_path: Path) -> None:
+    """Written beside the Dockerfile, as users do, and built again over an older one: the statement is no input of
+    the build it describes, so the context it names is the one verify finds."""
+    source = context(tmp_path / "ctx", "FROM busybox-base\nCOPY app.txt /app.txt\n")
+    for _ in range(2):
+        store.build(source, "-t", "beside", "--provenance", source / "provenance.json")
+    done = store.run("verify", "beside", "--context", source, "--provenance", source / "provenance.json",
+                     check=False)
+    assert (done.returncode, done.stdout.split(":")[0]) == (0, "verified"), done.stdout + done.stderr
+    (source / "extra.txt").write_text("an input the statement does not know\n")
+    done = store.run("verify", "beside", "--context", source, "--provenance", source / "provenance.json",
+                     check=False)
+    assert done.returncode == 1
+    assert any(line.startswith("provenance: the context is not the one the provenance names")
+               for line in done.stdout.splitlines()), done.stdout
 
 
 def test_verify_with_provenance(store: Pybuild, tmp_path: Path) -> None:

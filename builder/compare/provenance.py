@@ -26,12 +26,17 @@ BUILD_TYPE = "urn:pybuild:dockerfile:v1"
 BUILDER_ID = "urn:pybuild"
 
 
-def context_digest(root: Path, dockerfile_path: Path | None) -> tuple[str, int]:
-    """The context's content digest and its number of entries, after its ignore file."""
+def context_digest(root: Path, dockerfile_path: Path | None, statement: Path | None = None) -> tuple[str, int]:
+    """The context's content digest and its number of entries, after its ignore file.
+
+    ``statement``, the provenance file itself, is left out where it lies in the context: it cannot be an input
+    of the build it describes, and writing it there must not change what the next build or a verify sees.
+    """
     from builder.fs.context import BuildContext
     from cache.files import sha256_file
 
     context = BuildContext(root, dockerfile_path=dockerfile_path)
+    leave_out = str(statement.resolve()) if statement is not None else None
     lines = []
     for directory, dirs, files in os.walk(context.root):
         rel_dir = os.path.relpath(directory, context.root)
@@ -39,6 +44,8 @@ def context_digest(root: Path, dockerfile_path: Path | None) -> tuple[str, int]:
         for name in sorted(dirs + files):
             rel = f"{rel_dir}/{name}" if rel_dir else name
             path = os.path.join(directory, name)
+            if path == leave_out:
+                continue
             st = os.lstat(path)
             if not context.present(rel, is_dir=stat.S_ISDIR(st.st_mode)):
                 if name in dirs:
@@ -60,8 +67,9 @@ def context_digest(root: Path, dockerfile_path: Path | None) -> tuple[str, int]:
 def statement(*, manifest: str, names: tuple[str, ...], dockerfile: bytes, dockerfile_name: str, context: Path,
               dockerfile_path: Path | None, build_args: Mapping[str, str], target: str | None,
               named_contexts: Mapping[str, str], source_date_epoch: int, base_images: Mapping[str, str],
-              compression: str, version: str) -> dict[str, Any]:
-    digest, entries = context_digest(context, dockerfile_path)
+              compression: str, version: str, path: Path | None = None) -> dict[str, Any]:
+    """The statement; ``path`` is where it will be written (left out of the context's digest)."""
+    digest, entries = context_digest(context, dockerfile_path, path)
     dependencies: list[dict[str, Any]] = [
         {"name": "dockerfile", "digest": {"sha256": hashlib.sha256(dockerfile).hexdigest()}},
         {"name": "context", "digest": {"sha256": digest}, "annotations": {"entries": entries}},

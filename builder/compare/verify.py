@@ -118,7 +118,7 @@ def _with_provenance(request: VerifyRequest, manifest: str) -> tuple[VerifyReque
     if dockerfile != statement.dockerfile_sha256:
         mismatches.append(f"the Dockerfile is not the one the provenance names (sha256:{dockerfile} vs "
                           f"sha256:{statement.dockerfile_sha256})")
-    context, _ = context_digest(request.context, request.dockerfile_path)
+    context, _ = context_digest(request.context, request.dockerfile_path, request.provenance)
     if context != statement.context_sha256:
         mismatches.append(f"the context is not the one the provenance names (sha256:{context} vs "
                           f"sha256:{statement.context_sha256})")
