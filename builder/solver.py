@@ -653,7 +653,7 @@ class StepContext:
         """
         from builder.fs.diff import LowerView
         from builder.fs.layer import write_layer
-        from builder.fs.snapshot import StepRoot, mounted_root
+        from builder.fs.snapshot import StepRoot, fit_root, mounted_root
 
         solver = self.solver
         layers = () if independent else state.image.layers
@@ -663,6 +663,7 @@ class StepContext:
             if direct:
                 root = StepRoot(merged=scratch / "layer", upper=scratch / "layer", lower_stat=LowerView(lowers).stat)
                 root.upper.mkdir()
+                fit_root(root.upper, lowers)
                 action(root.upper)
             else:
                 with mounted_root(lowers, scratch) as root:

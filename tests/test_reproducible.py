@@ -88,3 +88,28 @@ def test_gzip_layers_are_reproducible_too(tmp_path: Path, tmpfs_examples: Path) 
     second = build_all(tmp_path / "second", tmpfs_examples, prefix=("taskset", "-c", "0"),
                        extra=("--compression=gzip",))
     assert first == second
+
+
+def test_the_builders_umask_never_reaches_a_step(reference: dict[str, str], tmp_path: Path) -> None:
+    """A COPY writes its layer without a mounted root; the next step's root dir comes from that layer's dir, so
+    a umask of 077 once showed RUN a root of mode 0700 (and locked out a USER other than root)."""
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "a.txt").write_text("a\n")
+    (context / "Dockerfile").write_text("FROM busybox-base\nCOPY a.txt /a.txt\nRUN stat -c %a / > /root-mode\n"
+                                        "USER 65534\nRUN ls / > /tmp/listing && echo listed > /tmp/ok\n")
+    digests = []
+    for umask in ("022", "077"):
+        root = tmp_path / f"store-{umask}"
+        out = tmp_path / f"out-{umask}"
+        environment = {**os.environ, "PYBUILD_ROOT": str(root)}
+        for argv in ([*PYBUILD, "build", "-q", "-t", "busybox-base", "--build-context", "busybox=/bin",
+                      str(EXAMPLES / "base")],
+                     [*PYBUILD, "build", "-q", "-t", "probe", "-o", f"type=local,dest={out}", str(context)]):
+            done = subprocess.run(["sh", "-c", f'umask {umask} && exec "$@"', "sh", *argv], env=environment,
+                                  cwd=REPO, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        assert (out / "root-mode").read_text() == "755\n", umask
+        assert (out / "tmp" / "ok").read_text() == "listed\n", umask
+        digests.append(done.stdout.strip())
+    assert digests[0] == digests[1]

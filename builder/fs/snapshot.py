@@ -159,6 +159,17 @@ def _choose(probe_dir: Path) -> Snapshotter:
     return overlay
 
 
+def fit_root(upper: Path, lowers: Sequence[Path]) -> None:
+    """Give a new layer dir the image root's mode and owner, which the root dir shows (and the next step's root
+    takes from it): the top lower's, 0755 over nothing; never what the builder's umask made."""
+    if lowers:
+        top = os.lstat(lowers[-1])
+        os.chown(upper, top.st_uid, top.st_gid)
+        os.chmod(upper, top.st_mode & 0o7777)
+    else:
+        os.chmod(upper, 0o755)
+
+
 @contextlib.contextmanager
 def mounted_root(lowers: Sequence[Path], scratch: Path) -> Iterator[StepRoot]:
     """A writable root over ``lowers`` (snapshot dirs, bottom-up), its pieces kept in the empty dir ``scratch``.
@@ -171,6 +182,7 @@ def mounted_root(lowers: Sequence[Path], scratch: Path) -> Iterator[StepRoot]:
     merged, upper = scratch / "merged", scratch / "upper"
     merged.mkdir()
     upper.mkdir()
+    fit_root(upper, lowers)  # in overlay mode the root dir shows it; in either, the next step's root comes from it
     root = StepRoot(merged=merged, upper=upper, lower_stat=LowerView(lowers).stat)
     if mode.kind == "copy":
         originals = materialize(lowers, merged)
@@ -180,13 +192,6 @@ def mounted_root(lowers: Sequence[Path], scratch: Path) -> Iterator[StepRoot]:
         finally:
             shutil.rmtree(merged)
         return
-    # The root dir shows the upper dir's own mode and owner: make them the image's.
-    if lowers:
-        top = os.lstat(lowers[-1])
-        os.chown(upper, top.st_uid, top.st_gid)
-        os.chmod(upper, top.st_mode & 0o7777)
-    else:
-        os.chmod(upper, 0o755)
     work = scratch / "work"
     work.mkdir()
     bottom = list(lowers)
