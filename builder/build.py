@@ -52,6 +52,7 @@ class BuildRequest:
     dockerfile_source: bytes = b""  # the Dockerfile's bytes, for the provenance's digest of it
     variation: Variation | None = None  # conditions varied for RUN (--check-reproducible's second build)
     rebuild: RebuildOptions | None = None  # set where a rebuild with nothing changed may skip the builder
+    isolation: str = "auto"  # --isolation: how RUN steps are isolated (builder.sandbox.namespace.ISOLATIONS)
 
 
 @dataclass
@@ -77,9 +78,10 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
     graph = build_graph(request.dockerfile, request.build_args, request.target)
     check_graph(graph)  # mistakes the Dockerfile's text shows fail the build before any step runs
     # Before any thread starts: the namespace calls need a single-threaded process.
-    enter_build_namespace()
+    isolation = enter_build_namespace(request.isolation)
     root = state_root
     progress = make_progress(request.progress)
+    progress.message(isolation.describe())
     with shared_lease(root):  # nothing this build unpacks or writes can be freed while it runs
         try:
             if graph.unused_build_args:

@@ -216,6 +216,9 @@ def _outputs(values: tuple[str, ...]) -> list[dict[str, str]]:
     return outputs
 
 
+_ISOLATION_HELP = ("How RUN steps are isolated: namespaces (mount, PID, network...; through a user namespace "
+                   "where needed), chroot (where namespaces are refused, as in a CI job's container), none (no "
+                   "RUN); auto picks the strongest this environment allows and says why.")
 _INSECURE_HELP = "Allow plain HTTP to this registry host (loopback hosts and registries.conf's insecure ones are)."
 
 
@@ -258,6 +261,8 @@ _INSECURE_HELP = "Allow plain HTTP to this registry host (loopback hosts and reg
 @click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST", help=_INSECURE_HELP)
 @click.option("--provenance", type=click.Path(dir_okay=False, path_type=Path),
               help="Write an in-toto statement of SLSA provenance v1 for the image to this file.")
+@click.option("--isolation", type=click.Choice(["auto", "namespaces", "chroot", "none"]), default="auto",
+              show_default=True, help=_ISOLATION_HELP)
 @click.option("--check-reproducible", "check_reproducible", is_flag=True,
               help="Build again with no cache under other conditions (host name, TZ, locale, umask, one CPU, "
                    "another path) and say what differs, if anything; exit 1 when it does.")
@@ -267,7 +272,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
           cache_to: tuple[str, ...], dry_run: bool, progress: str, quiet: bool, outputs: tuple[str, ...],
           iidfile: Path | None, metadata_file: Path | None, secrets: tuple[str, ...], network: str,
           build_contexts: tuple[str, ...], compression: str | None, platform: str | None, pull: bool, push: bool,
-          insecure: tuple[str, ...], provenance: Path | None, check_reproducible: bool) -> None:
+          insecure: tuple[str, ...], provenance: Path | None, isolation: str, check_reproducible: bool) -> None:
     """Build an image from the Dockerfile in CONTEXT."""
     try:
         if not stat.S_ISDIR(context.stat().st_mode):
@@ -298,13 +303,13 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     # Built on this store before: its RUN steps will likely hit, and a sandbox started ahead would only be stopped.
     built_before = not dry_run and BuildRecords(root / "cache").has(identity)
     # A first build: its first RUN's sandbox boots on the other core while the builder loads.
-    interpreter = None if dry_run or built_before else _start_sandbox_early(source)
+    interpreter = None if dry_run or built_before else _start_sandbox_early(source, isolation)
     rebuild = None  # where a rebuild may be given without the builder: what it must find unchanged
     if push and not tags:
         raise PybuildError("--push needs a name to push to: give one with -t")
     if not (dry_run or no_cache or no_cache_filter or parsed_outputs or cache_sources or cache_targets or iidfile
             or metadata_file or build_contexts or secrets or dockerfile_path is None or pull or push or provenance
-            or check_reproducible):
+            or check_reproducible or isolation != "auto"):
         from builder.rebuild import RebuildOptions, fast_rebuild
 
         rebuild = RebuildOptions(
@@ -349,6 +354,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
             dockerfile_source=source,
             rebuild=rebuild,
             cache_to=cache_targets,
+            isolation=isolation,
             no_cache_stages=frozenset(name.strip() for text in no_cache_filter for name in text.split(",")
                                       if name.strip()),
         )
@@ -381,7 +387,7 @@ def _check_reproducible(root: Path, request, manifest: str, dockerfile_name: str
         dockerfile_path=request.dockerfile_path, build_args=request.build_args, target=request.target,
         named_contexts=request.named_contexts, source_date_epoch=request.source_date_epoch,
         progress="silent" if request.progress == "quiet" else "plain", secrets=request.secrets,
-        network=request.network, variation=variation)
+        network=request.network, variation=variation, isolation=request.isolation)
     comparison = verify(root, check)
     if comparison.identical:
         click.echo(f"reproducible: {manifest} (built again with another host name, TZ, locale, umask, one CPU "
@@ -394,7 +400,7 @@ def _check_reproducible(root: Path, request, manifest: str, dockerfile_name: str
     raise _Finished(1)
 
 
-def _start_sandbox_early(source: bytes) -> Interpreter | None:
+def _start_sandbox_early(source: bytes, isolation: str) -> Interpreter | None:
     """A sandbox interpreter for the first RUN, booting (~14 ms) on another core while the builder loads.
 
     Started only where the text says RUN at all; a false guess (a comment, an ONBUILD) costs an idle process.
@@ -404,7 +410,8 @@ def _start_sandbox_early(source: bytes) -> Interpreter | None:
     from builder.sandbox.namespace import enter_build_namespace
     from builder.sandbox.parent import Interpreter
 
-    enter_build_namespace()  # the sandbox must start inside it, to see the step's root
+    if enter_build_namespace(isolation).missing:  # the sandbox must start inside it, to see the step's root
+        return None  # no RUN can run here
     return Interpreter()
 
 
@@ -829,10 +836,12 @@ def diff_command(store_root: Path, image_a: str, image_b: str, output_format: st
                    "that the image, Dockerfile and context are the ones it names.")
 @click.option("--secret", "secrets", multiple=True, metavar="id=ID,src=PATH|env=VAR",
               help="A secret the build had (never stored; provenance never names one).")
+@click.option("--isolation", type=click.Choice(["auto", "namespaces", "chroot", "none"]), default="auto",
+              show_default=True, help=_ISOLATION_HELP)
 @click.pass_obj
 def verify(store_root: Path, image: str, context: Path, file: str | None, build_args: tuple[str, ...],
            target: str | None, build_contexts: tuple[str, ...], source_date_epoch: int | None, output_format: str,
-           progress: str, provenance: Path | None, secrets: tuple[str, ...]) -> None:
+           progress: str, provenance: Path | None, secrets: tuple[str, ...], isolation: str) -> None:
     """Rebuild IMAGE from its source with no cache and compare: exit 0 when identical, 1 with what differs and
     why, 2 when the rebuild failed. IMAGE is a name or ID in the store, oci-archive:PATH or oci-layout:DIR[:REF]."""
     from builder.compare.verify import VerifyRequest
@@ -849,7 +858,8 @@ def verify(store_root: Path, image: str, context: Path, file: str | None, build_
             image=image, context=context.resolve(), dockerfile=parsed(source, name, root / "cache"),
             dockerfile_path=Path(name).resolve(), build_args=_key_values(build_args, "--build-arg"), target=target,
             named_contexts=_key_values(build_contexts, "--build-context"), source_date_epoch=source_date_epoch,
-            progress=progress, provenance=provenance, dockerfile_source=source, secrets=_secrets(secrets))
+            progress=progress, provenance=provenance, dockerfile_source=source, secrets=_secrets(secrets),
+            isolation=isolation)
         with shared_lease(root):
             comparison = verify_image(root, request)
     except PybuildError as exc:

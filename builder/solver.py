@@ -751,7 +751,11 @@ class StepContext:
 
         def action(root: Path) -> None:
             from builder.fs.copy import make_directory
+            from builder.sandbox.namespace import GRANT_HINT, entered
 
+            isolation = entered()
+            if isolation is not None and isolation.missing:
+                raise PybuildError(isolation.missing, op.location, hint=GRANT_HINT)
             ids = resolve_user(root, op.user)
             check_mapped(ids.uid, ids.gid, f"USER {op.user}")
             make_directory(root, op.cwd)

@@ -78,7 +78,9 @@ def test_as_root_mounts_are_private_to_the_process(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["namespace"] == {"rootless": False, "id_ranges": 4294967296 - 1, "overlay_userxattr": False,
-                                   "gid_ranges": 4294967296 - 1, "missing_ids": None}
+                                   "gid_ranges": 4294967296 - 1, "missing_ids": None, "isolation": "namespaces",
+                                   "reason": "root: mount, PID, IPC, UTS and network namespaces", "may_mknod": False,
+                                   "missing": None}
     assert report["mnt"] != os.readlink("/proc/self/ns/mnt")
     assert report["same"]
     assert report["mounted"]

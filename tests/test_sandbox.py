@@ -410,14 +410,14 @@ def test_mount_targets_resolve_inside_the_rootfs(tmp_path: Path, path: str, link
         (tmp_path / directory).mkdir()
     for link, target in links.items():
         (tmp_path / link).symlink_to(target)
-    assert sandbox._resolve_inside(tmp_path, path) == tmp_path / expected
+    assert sandbox.resolve_inside(tmp_path, path) == tmp_path / expected
 
 
 def test_symlink_loops_are_refused(tmp_path: Path) -> None:
     (tmp_path / "a").symlink_to("b")
     (tmp_path / "b").symlink_to("a")
     with pytest.raises(SandboxError, match="too many levels of symbolic links"):
-        sandbox._resolve_inside(tmp_path, "/a/x")
+        sandbox.resolve_inside(tmp_path, "/a/x")
 
 
 @needs_root

@@ -48,6 +48,7 @@ class VerifyRequest:
     provenance: Path | None = None
     dockerfile_source: bytes = b""
     variation: Variation | None = None  # --check-reproducible: other conditions for the rebuild's RUN steps
+    isolation: str = "auto"  # --isolation for the rebuild
 
 
 def open_image(store: ImageStore, reference: str) -> StoredImage:
@@ -162,7 +163,8 @@ def verify(store_root: Path, request: VerifyRequest) -> Comparison:
             dockerfile=request.dockerfile, context=request.context, dockerfile_path=request.dockerfile_path,
             build_args=build_args, target=request.target, named_contexts=request.named_contexts,
             compression="gzip" if gzip else "zstd", progress=request.progress, source_date_epoch=epoch,
-            no_cache=True, variation=request.variation, secrets=request.secrets, network=request.network)
+            no_cache=True, variation=request.variation, secrets=request.secrets, network=request.network,
+            isolation=request.isolation)
         cpus, umask = os.sched_getaffinity(0), None
         try:
             if request.variation is not None:

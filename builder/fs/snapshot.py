@@ -126,8 +126,16 @@ def snapshotter(probe_dir: Path) -> Snapshotter:
 
 
 def _choose(probe_dir: Path) -> Snapshotter:
+    from builder.sandbox.namespace import entered
+
     userxattr = in_user_namespace()
     choice = os.environ.get(SNAPSHOTTER_ENV, "")
+    isolation = entered()
+    if isolation is not None and not isolation.may_mount:
+        if choice == "overlay":
+            raise PybuildError(f"{SNAPSHOTTER_ENV}=overlay cannot be had with {isolation.isolation} isolation, "
+                               "which mounts nothing")
+        return Snapshotter("copy")
     if choice == "copy":
         return Snapshotter("copy")
     if choice == "overlay":

@@ -71,10 +71,16 @@ def main() -> None:
         linux.set_parent_death_signal(SIGKILL)
         if os.getppid() != plan["parent"]:
             os._exit(1)  # the builder died before the signal was armed
-        flags = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
-        if plan["network"] == "none":
-            flags |= linux.CLONE_NEWNET
-        linux.unshare(flags)
+        chrooted = plan["isolation"] == "chroot"
+        with open("/proc/sys/kernel/cap_last_cap", "rb") as handle:  # read while the builder's /proc is in view
+            plan["last_capability"] = int(handle.read())
+        if chrooted:
+            plan["setgroups_denied"] = _setgroups_denied()  # a chroot has no /proc to ask later
+        if not chrooted:
+            flags = linux.CLONE_NEWNS | linux.CLONE_NEWPID | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+            if plan["network"] == "none":
+                flags |= linux.CLONE_NEWNET
+            linux.unshare(flags)
         alive_r, alive_w = os.pipe()
         pid = os.fork()
     except Exception as error:
@@ -85,14 +91,28 @@ def main() -> None:
     os.close(status_fd)
     os.close(alive_r)
     _, status = os.waitpid(pid, 0)
+    if chrooted:
+        # No PID namespace ends what the command left running: its process group goes instead.
+        try:  # noqa: SIM105 (contextlib is one import more on every RUN)
+            os.killpg(pid, SIGKILL)
+        except OSError:
+            pass
     code = os.waitstatus_to_exitcode(status)
     os._exit(code if code >= 0 else 128 - code)
 
 
 def _become_command(plan: dict, status_fd: int, alive_r: int) -> None:
-    """PID 1 of the new namespace: set up, then exec. Never returns."""
+    """PID 1 of the new namespace (or, under chroot isolation, a process group's leader): set up, then exec."""
     try:
-        _build_root(plan)
+        if plan["isolation"] == "chroot":
+            os.setpgid(0, 0)
+            try:
+                os.chroot(plan["rootfs"])
+            except OSError as error:
+                raise SetupError(f"cannot chroot into the step's root: {error.strerror}") from None
+            os.chdir("/")
+        else:
+            _build_root(plan)
         _drop_to_user(plan)
         env = dict(plan["env"])
         path = _find_executable(plan["argv"][0], env.get("PATH", DEFAULT_PATH))
@@ -141,7 +161,10 @@ def _build_root(plan: dict) -> None:
             raise SetupError(f"cannot mount {mount['kind']} at {mount['shown']}: {error.strerror}") from None
     linux.umount(staging, linux.MNT_DETACH)
     os.rmdir(staging)
-    linux.sethostname(plan["hostname"])
+    try:
+        linux.sethostname(plan["hostname"])
+    except PermissionError:
+        pass  # a container's seccomp profile may refuse it; the step then sees the container's name
     if plan["network"] == "none":
         _loopback_up()
     os.chdir(rootfs)
@@ -168,7 +191,14 @@ def _mount_or_fail(shown: str, source: str | None, target: str, fstype: str | No
 
 
 def _mount_proc(proc: str) -> None:
-    _mount_or_fail("/proc", "proc", proc, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    try:
+        linux.mount("proc", proc, "proc", linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+    except PermissionError:
+        # In a container the kernel refuses a new proc where the runtime masked parts of its own; the
+        # container's, bound whole with its masks, is the best /proc there (it shows the container's processes).
+        _mount_or_fail("/proc", "/proc", proc, None, linux.MS_BIND | linux.MS_REC)
+    except OSError as error:
+        raise SetupError(f"cannot mount /proc in the sandbox: {error.strerror}") from None
     for name in PROC_READ_ONLY:
         path = f"{proc}/{name}"
         if os.path.lexists(path):
@@ -266,14 +296,18 @@ def _loopback_up() -> None:
 
 def _drop_to_user(plan: dict) -> None:
     uid, gid, groups, cwd = plan["uid"], plan["gid"], plan["groups"], plan["cwd"]
-    with open("/proc/sys/kernel/cap_last_cap", "rb") as handle:
-        last_capability = int(handle.read())
-    for capability in range(last_capability + 1):
+    for capability in range(plan["last_capability"] + 1):
         if capability not in KEPT_CAPABILITIES:
-            linux.drop_bounding_capability(capability)
+            try:
+                linux.drop_bounding_capability(capability)
+            except PermissionError:
+                if plan["isolation"] != "chroot":
+                    raise
+                break  # a container without CAP_SETPCAP: its own bounding set is all the step gets
     try:
         # With a single mapped id the kernel forbids setgroups; there is nothing to drop then.
-        if groups or not _setgroups_denied():
+        denied = plan["setgroups_denied"] if "setgroups_denied" in plan else _setgroups_denied()
+        if groups or not denied:
             os.setgroups(groups)
         os.setgid(gid)
         os.setuid(uid)

@@ -188,50 +188,70 @@ def run(spec: SandboxSpec, on_output: Callable[[bytes], None], interpreter: Inte
     ``interpreter``, one started ahead (it is used up), saves starting one now.
     Safe to call from several threads at once: it changes no process-wide state.
     """
+    from builder.sandbox.namespace import entered
+
     if interpreter is not None and not interpreter.ready():
         interpreter.close()
         interpreter = None
+    isolation = entered()
     created: list[Path] = []
     try:
         if not spec.argv:
             raise SandboxError("nothing to run: the command is empty")
         if spec.network not in ("none", "host"):
             raise SandboxError(f"unsupported sandbox network mode {spec.network!r} (use none or host)")
-        plan = _plan(spec, spec.rootfs.resolve(), created)
+        rootfs = spec.rootfs.resolve()
+        if isolation is not None and isolation.isolation == "chroot":
+            from builder.sandbox.chroot import lent_root
+
+            if spec.network == "none":
+                raise SandboxError("a network of its own (--network=none) needs a network namespace, which chroot "
+                                   "isolation cannot make")
+            with lent_root(spec, rootfs, isolation.may_mknod):
+                interpreter = interpreter or Interpreter()
+                return interpreter.run(_chroot_plan(spec, rootfs), on_output)
+        plan = _plan(spec, rootfs, created)
         interpreter = interpreter or Interpreter()
         return interpreter.run(plan, on_output)
     finally:
-        _remove_created(created)
+        remove_created(created)
         if interpreter is not None:
             interpreter.close()  # unless it ran the plan
 
 
+def _chroot_plan(spec: SandboxSpec, rootfs: Path) -> dict:
+    """The child's instructions under chroot isolation: the root is already furnished, nothing is mounted."""
+    return {"isolation": "chroot", "parent": os.getpid(), "rootfs": str(rootfs), "argv": list(spec.argv),
+            "env": list(spec.env), "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid, "groups": list(spec.groups)}
+
+
 def _plan(spec: SandboxSpec, rootfs: Path, created: list[Path]) -> dict:
     """The child's instructions, with every target already resolved to a host path inside ``rootfs``."""
-    proc = _mount_point(rootfs, "/proc", True, created)
-    dev = _mount_point(rootfs, "/dev", True, created)
+    proc = mount_point(rootfs, "/proc", True, created)
+    dev = mount_point(rootfs, "/dev", True, created)
     mounts = []
-    for name, content in (("hosts", _hosts(spec)), ("resolv.conf", _resolv_conf(spec))):
-        target = _mount_point(rootfs, f"/etc/{name}", False, created)
+    for name, content in (("hosts", hosts_file(spec)), ("resolv.conf", resolv_conf(spec))):
+        target = mount_point(rootfs, f"/etc/{name}", False, created)
         mounts.append({"kind": "file", "shown": f"/etc/{name}", "content": content, "target": str(target)})
     # Parents before children, as the user may nest one mount inside another.
-    for mount in sorted(spec.mounts, key=lambda item: _depth(item.target)):
+    for mount in sorted(spec.mounts, key=lambda item: depth(item.target)):
         if isinstance(mount, BindMount):
             if not mount.source.exists():
                 raise SandboxError(f"cannot mount {mount.source} at {mount.target}: it does not exist")
-            target = _mount_point(rootfs, mount.target, mount.source.is_dir(), created)
+            target = mount_point(rootfs, mount.target, mount.source.is_dir(), created)
             mounts.append({"kind": "bind", "shown": mount.target, "source": str(mount.source),
                            "target": str(target), "readonly": mount.readonly})
         elif isinstance(mount, TmpfsMount):
-            target = _mount_point(rootfs, mount.target, True, created)
+            target = mount_point(rootfs, mount.target, True, created)
             mounts.append({"kind": "tmpfs", "shown": mount.target, "target": str(target), "size": mount.size})
         else:
-            target = _mount_point(rootfs, mount.target, False, created)
+            target = mount_point(rootfs, mount.target, False, created)
             mounts.append({"kind": "secret", "shown": mount.target, "source": str(mount.source),
                            "content": mount.content,
                            "target": str(target), "mode": mount.mode, "uid": mount.uid, "gid": mount.gid})
     return {
-        "parent": os.getpid(), "rootfs": str(rootfs), "proc": str(proc), "dev": str(dev), "mounts": mounts,
+        "isolation": "namespaces", "parent": os.getpid(), "rootfs": str(rootfs), "proc": str(proc), "dev": str(dev),
+        "mounts": mounts,
         "argv": list(spec.argv), "env": list(spec.env),
         "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid, "groups": list(spec.groups),
         "hostname": spec.hostname, "network": spec.network,
@@ -240,13 +260,13 @@ def _plan(spec: SandboxSpec, rootfs: Path, created: list[Path]) -> dict:
     }
 
 
-def _hosts(spec: SandboxSpec) -> bytes:
+def hosts_file(spec: SandboxSpec) -> bytes:
     if spec.hosts is not None:
         return spec.hosts
     return f"127.0.0.1\tlocalhost {spec.hostname}\n::1\tlocalhost ip6-localhost ip6-loopback\n".encode()
 
 
-def _resolv_conf(spec: SandboxSpec) -> bytes:
+def resolv_conf(spec: SandboxSpec) -> bytes:
     if spec.resolv_conf is not None:
         return spec.resolv_conf
     if spec.network == "none":
@@ -257,11 +277,11 @@ def _resolv_conf(spec: SandboxSpec) -> bytes:
         return b""
 
 
-def _depth(target: str) -> int:
+def depth(target: str) -> int:
     return len([part for part in target.split("/") if part])
 
 
-def _resolve_inside(rootfs: Path, path: str) -> Path:
+def resolve_inside(rootfs: Path, path: str) -> Path:
     """``path`` as the sandbox will see it: symlinks followed relative to ``rootfs``, never leading out of it.
 
     Components from the first missing one on are taken literally.
@@ -299,9 +319,9 @@ def _resolve_inside(rootfs: Path, path: str) -> Path:
     return rootfs.joinpath(*resolved)
 
 
-def _mount_point(rootfs: Path, target: str, directory: bool, created: list[Path]) -> Path:
+def mount_point(rootfs: Path, target: str, directory: bool, created: list[Path]) -> Path:
     """The host path to mount on for ``target``, creating it and its missing parents (recorded in ``created``)."""
-    host = _resolve_inside(rootfs, target)
+    host = resolve_inside(rootfs, target)
     missing = []
     current = host
     while not os.path.lexists(current):
@@ -320,7 +340,7 @@ def _mount_point(rootfs: Path, target: str, directory: bool, created: list[Path]
     return host
 
 
-def _remove_created(created: list[Path]) -> None:
+def remove_created(created: list[Path]) -> None:
     """Remove the mount points made for this run, deepest first.
 
     One the command filled (it wrote beside a mount) is its output, so it stays.
