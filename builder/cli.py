@@ -921,6 +921,8 @@ def _run(argv: list[str] | None) -> int:
         cli.main(args=argv, prog_name="pybuild", standalone_mode=False)
     except PybuildError as exc:
         click.echo(("pybuild: " if exc.location is None else "") + exc.render(), err=True)
+        if os.environ.get("GITHUB_ACTIONS") == "true":
+            click.echo(github_annotation(exc, os.environ.get("GITHUB_WORKSPACE")))
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -947,6 +949,32 @@ def _run(argv: list[str] | None) -> int:
         click.echo(f"pybuild: error: internal error: {type(exc).__name__}: {exc}{where}", err=True)
         return 1
     return 0
+
+
+def github_annotation(exc: PybuildError, workspace: str | None) -> str:
+    """The error as a GitHub Actions workflow command, so a pull request shows it on the Dockerfile's line.
+
+    The file is named relative to the job's workspace (the repository), as GitHub matches it to the diff.
+    """
+    properties = ["title=pybuild"]
+    if exc.location is not None:
+        location = exc.location
+        path = os.path.abspath(location.file)
+        if workspace and path.startswith(os.path.abspath(workspace).rstrip("/") + "/"):
+            path = os.path.relpath(path, workspace)
+        elif not os.path.isabs(location.file):
+            path = location.file
+        properties = [f"file={_escape(path, True)}", f"line={location.start_line}",
+                      f"endLine={max(location.end_line, location.start_line)}", f"col={location.column}",
+                      *properties]
+    text = exc.message + (f"\nhint: {exc.hint}" if exc.hint else "")
+    return f"::error {','.join(properties)}::{_escape(text, False)}"
+
+
+def _escape(text: str, property_value: bool) -> str:
+    """Workflow commands end at a newline and split properties at ',' and '::', so those are %-escaped."""
+    text = text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+    return text.replace(":", "%3A").replace(",", "%2C") if property_value else text
 
 
 def os_error(exc: OSError, written: list[Path] | None = None) -> PybuildError:
