@@ -37,6 +37,8 @@ SECRET = "s3cr3t-value-7f1d"
 DOCKERFILE = """\
 FROM busybox-base
 COPY a.txt /src/a.txt
+COPY hosts /etc/hosts
+COPY keep /dev/keep
 RUN echo built > /built && echo x > /dev/null && head -c 4 /dev/urandom | wc -c > /random-bytes \\
     && test -c /dev/null && ls /dev > /dev-list && cat /etc/hosts > /hosts-seen
 RUN --mount=type=secret,id=tok sh -c 'test -s /run/secrets/tok && wc -c < /run/secrets/tok > /secret-seen'
@@ -132,6 +134,8 @@ def _context(tmp_path: Path) -> Path:
     context = tmp_path / "context"
     (context / "etc").mkdir(parents=True, exist_ok=True)
     (context / "a.txt").write_text("from the context\n")
+    (context / "hosts").write_text("10.0.0.1 the-image-own-hosts\n")  # set aside and put back under chroot
+    (context / "keep").write_text("a /dev the image has\n")
     (context / "etc" / "conf").write_text("bound over /etc\n")
     (context / "Dockerfile").write_text(DOCKERFILE)
     return context
@@ -181,7 +185,7 @@ def test_chroot_leaves_nothing_lent_in_the_step_root(tmp_path: Path) -> None:
     done, _ = _build_in_tier(tmp_path, "-sys_admin,-setfcap", "chroot")
     assert done.returncode == 0, done.stderr
     files = layer_files(tmp_path / "chroot.tar")
-    for lent in ("dev/null", "dev/urandom", "run/secrets/tok", "etc/hosts", "mnt/a.txt", "var/cache/app/log",
+    for lent in ("dev/null", "dev/urandom", "run/secrets/tok", "mnt/a.txt", "var/cache/app/log",
                  "etc/conf", "tmp/t", "dev/pipes"):
         assert lent not in files, lent
     for made, content in (("built", b"built\n"), ("secret-seen", f"{len(SECRET)}\n".encode()),
@@ -190,6 +194,8 @@ def test_chroot_leaves_nothing_lent_in_the_step_root(tmp_path: Path) -> None:
                           ("random-bytes", b"4\n"), ("home/www/mine", b"")):
         assert files.get(made) == content, made
     assert files["home/www/id"].startswith(b"uid=1000")
+    assert files["etc/hosts"] == b"10.0.0.1 the-image-own-hosts\n" and files["dev/keep"] == b"a /dev the image has\n"
+    assert b"the-image-own-hosts" not in files["hosts-seen"]  # the step saw the build's hosts file, as docker's
 
 
 def layer_files(archive: Path) -> dict[str, bytes | None]:

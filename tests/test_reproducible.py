@@ -113,3 +113,30 @@ def test_the_builders_umask_never_reaches_a_step(reference: dict[str, str], tmp_
         assert (out / "tmp" / "ok").read_text() == "listed\n", umask
         digests.append(done.stdout.strip())
     assert digests[0] == digests[1]
+
+
+def test_a_build_does_not_depend_on_where_its_base_came_from(tmp_path: Path) -> None:
+    """A base built here and the same base loaded (or pulled) give a child the same image: a step's snapshot holds
+    the times its layer holds, so a RUN under a directory of the base copies up the same directory either way."""
+    require_root()
+    require_tools()
+    built, loaded = tmp_path / "built", tmp_path / "loaded"
+    context = tmp_path / "child"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM busybox-base\nRUN touch /home/www/new && ls -l --full-time /home\n")
+    digests = []
+    for store in (built, loaded):
+        environment = {**os.environ, "PYBUILD_ROOT": str(store), "SOURCE_DATE_EPOCH": "0"}
+        if store == built:
+            subprocess.run([*PYBUILD, "build", "-q", "-t", "busybox-base", "--build-context", "busybox=/bin",
+                            str(EXAMPLES / "base")], env=environment, check=True, capture_output=True)
+            subprocess.run([*PYBUILD, "save", "-o", str(tmp_path / "base.tar"), "busybox-base"], env=environment,
+                           check=True, capture_output=True)
+        else:
+            subprocess.run([*PYBUILD, "load", "-i", str(tmp_path / "base.tar")], env=environment, check=True,
+                           capture_output=True)
+        later = {**environment, "SOURCE_DATE_EPOCH": "1700000000"}  # the child's epoch is after the base's
+        done = subprocess.run([*PYBUILD, "build", "-q", str(context)], env=later, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        digests.append(done.stdout.strip())
+    assert digests[0] == digests[1]

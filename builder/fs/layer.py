@@ -345,6 +345,9 @@ def write_layer(upper: Path, out: BinaryIO | None, *, compression: Literal["zstd
 
     Members are sorted by path components, with an opaque dir's ``.wh..wh..opq`` right after the dir;
     mtimes are clamped to ``source_date_epoch``; owners are numeric only; overlayfs xattrs are dropped.
+    The clamp is applied to ``upper`` too, as the snapshot it becomes must hold what the tar holds: a step on it
+    then sees the very times it would see on the same layer pulled, so its own layer cannot depend on whether
+    the layer below was built here or came from a registry.
     ``lower_stat(path)`` looks a root-relative path up in the layers below, so directories that are
     only copied up, with nothing changed in or below them, are left out.
 
@@ -357,8 +360,11 @@ def write_layer(upper: Path, out: BinaryIO | None, *, compression: Literal["zstd
     stream = _TarStream(out, compression)
     try:
         links: dict[tuple[int, int], str] = {}
+        limit = source_date_epoch * 1_000_000_000
         for entry in entries:
             info = _header(entry, source_date_epoch, links)
+            if entry.st is not None and entry.path is not None and entry.st.st_mtime_ns > limit:
+                os.utime(entry.path, ns=(entry.st.st_atime_ns, limit), follow_symlinks=False)
             stream.write(_ustar_header(info) or info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
             if info.type == tarfile.REGTYPE and info.size:
                 assert entry.path is not None

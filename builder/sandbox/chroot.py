@@ -144,13 +144,8 @@ class _Loan:
     def devices(self, may_mknod: bool) -> None:
         """The nodes programs expect in /dev; without CAP_MKNOD only /dev/null, as an empty file (reads end at
         once, writes are thrown away with it)."""
-        dev = resolve_inside(self.rootfs, "/dev")
-        if not os.path.lexists(dev):
-            mount_point(self.rootfs, "/dev", True, self.created)
-        elif not dev.is_dir() or dev.is_symlink():
-            return
-        else:
-            self._keep_times(dev)
+        # The namespace sandbox mounts a fresh /dev over the image's: what the image keeps there is set aside too.
+        dev = self._place("/dev", directory=True)
         for name, major, minor in DEVICES:
             node = dev / name
             if os.path.lexists(node):
