@@ -70,10 +70,14 @@ def short_tempdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
 
 
+def _mounts_under(path: Path) -> list[str]:
+    mounted = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    return sorted((point for point in mounted if Path(point).is_relative_to(path)), reverse=True)
+
+
 def remove_tree(path: Path) -> None:
     """Remove ``path``, unless something is still mounted under it (then removing would reach into the mount)."""
-    mounted = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
-    if not any(Path(point).is_relative_to(path) for point in mounted):
+    if not _mounts_under(path):
         shutil.rmtree(path, ignore_errors=True)
 
 
@@ -213,19 +217,29 @@ def _volume_flags(mounts: Sequence[tuple[Path, str, bool]]) -> list[str]:
     return [flag for host, guest, writable in mounts for flag in ("-v", f"{host}:{guest}:{'rw' if writable else 'ro'}")]
 
 
+def _with_network(run_args: Sequence[str], network: str) -> list[str]:
+    """``run_args`` with the value of their --network replaced (the engines take one network mode only)."""
+    args = list(run_args)
+    args[args.index("--network") + 1] = network
+    return args
+
+
 @dataclass(frozen=True)
 class PodmanEngine:
-    """Rootful podman with its default capabilities and seccomp profile, plus ``options`` (as --cap-drop=ALL)."""
+    """Rootful podman with its default capabilities and seccomp profile, plus ``options`` (as --cap-drop=ALL).
+    ``network``: none, or host to reach a registry on the host's loopback."""
 
     podman: Podman
     options: tuple[str, ...] = ()
     name: str = "podman"
+    network: str = "none"
 
     def run_script(self, script: str, mounts: Sequence[tuple[Path, str, bool]], workdir: Path,
                    timeout: float) -> subprocess.CompletedProcess:
         rootfs = make_rootfs(workdir / "rootfs")  # podman writes into --rootfs: one per container
-        return run(self.podman.command(*PODMAN_RUN, *self.options, *_volume_flags(mounts), "--rootfs", rootfs,
-                                       "sh", "-c", script), check=False, timeout=timeout)
+        return run(self.podman.command(*_with_network(PODMAN_RUN, self.network), *self.options,
+                                       *_volume_flags(mounts), "--rootfs", rootfs, "sh", "-c", script),
+                   check=False, timeout=timeout)
 
 
 @dataclass(frozen=True)
@@ -247,28 +261,31 @@ class Docker:
 
 @dataclass(frozen=True)
 class DockerEngine:
-    """`docker run` with Docker's defaults: its seccomp profile, its capabilities, no --privileged."""
+    """`docker run` with Docker's defaults: its seccomp profile, its capabilities, no --privileged. ``network``: none,
+    or host to reach a registry on the host's loopback."""
 
     docker: Docker
     image: str
     options: tuple[str, ...] = ()
     name: str = "docker"
+    network: str = "none"
 
     def run_script(self, script: str, mounts: Sequence[tuple[Path, str, bool]], workdir: Path,
                    timeout: float) -> subprocess.CompletedProcess:
-        return run(self.docker.command("run", "--rm", "--network", "none", *self.options, *_volume_flags(mounts),
-                                       self.image, "sh", "-c", script), check=False, timeout=timeout)
+        return run(self.docker.command("run", "--rm", "--network", self.network, *self.options,
+                                       *_volume_flags(mounts), self.image, "sh", "-c", script),
+                   check=False, timeout=timeout)
 
 
 @contextlib.contextmanager
-def podman_engine(*options: str) -> Iterator[PodmanEngine]:
+def podman_engine(*options: str, network: str = "none") -> Iterator[PodmanEngine]:
     """podman with a private store under a short /tmp path, removed afterwards."""
     require_root()
     require_tools("podman", "runc")
     skip_if_chrooted("podman")
     top = short_tempdir("pbci-pm")
     try:
-        yield PodmanEngine(Podman(top), options)
+        yield PodmanEngine(Podman(top), options, network=network)
     finally:
         remove_tree(top)
 
@@ -301,6 +318,9 @@ def docker_daemon() -> Iterator[Docker]:
     finally:
         if daemon is not None:
             _stop(daemon)
+        # dockerd leaves its network namespace file bound under its exec root; what it left is ours to undo.
+        for point in _mounts_under(top):
+            subprocess.run(["umount", "-l", point], check=False)
         remove_tree(top)
 
 

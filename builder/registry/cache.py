@@ -40,6 +40,11 @@ class RegistryCacheSource:
                 if warn is not None:
                     warn(f"[warning] {self.label}: no cache there yet; the build runs without it")
                 return
+            if exc.status in (401, 403) and warn is not None:
+                # A pull request from a fork may not read the cache its base branch pushed; the build still can.
+                warn(f"[warning] {self.label}: may not be read ({exc.message}); the build runs without it"
+                     + (f" ({exc.hint})" if exc.hint else ""))
+                return
             raise PybuildError(f"{self.label}: {exc.message}", hint=exc.hint) from None
         except PybuildError as exc:
             raise PybuildError(f"{self.label}: {exc.message}", hint=exc.hint) from None

@@ -161,7 +161,7 @@ def _build_root(plan: dict) -> None:
             raise SetupError(f"cannot mount {mount['kind']} at {mount['shown']}: {error.strerror}") from None
     linux.umount(staging, linux.MNT_DETACH)
     os.rmdir(staging)
-    try:
+    try:  # noqa: SIM105 (contextlib is one import more on every RUN)
         linux.sethostname(plan["hostname"])
     except PermissionError:
         pass  # a container's seccomp profile may refuse it; the step then sees the container's name
