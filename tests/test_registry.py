@@ -905,6 +905,17 @@ def test_registry_cache_that_is_not_there_yet_is_a_warning(builder: Client, plai
     assert any("no cache there yet" in line for line in done.stderr.splitlines()), done.stderr
 
 
+def test_a_registry_cache_that_may_not_be_read_is_a_warning(builder: Client, basic: Registry,
+                                                            tmp_path: Path) -> None:
+    """A pull request from a fork may not read the cache its base branch pushed: the build goes on without it,
+    saying why, as BuildKit does."""
+    done = builder.build(cached_context(tmp_path / "ctx", "locked"), "--cache-from",
+                         f"type=registry,ref={basic.ref(unique('cache/locked'), 'x')}")
+    warnings = [line for line in done.stderr.splitlines() if "may not be read" in line]
+    assert len(warnings) == 1 and "the build runs without it" in warnings[0], done.stderr
+    assert done.stderr.splitlines()[-1].startswith("image sha256:")
+
+
 def test_a_buildkit_cache_ref_is_refused_by_name(builder: Client, plain: Registry, tmp_path: Path) -> None:
     """A cache manifest BuildKit wrote (config type application/vnd.buildkit.cacheconfig.v0) is a clear error."""
     repository = unique("cache/buildkit")

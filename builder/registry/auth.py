@@ -32,6 +32,10 @@ HELPER_TIMEOUT_SECONDS = 60
 DEFAULT_TOKEN_SECONDS = 60
 
 
+class Unauthorized(PybuildError):
+    """The registry wants credentials we do not have, or refused the ones we gave."""
+
+
 @dataclass
 class Credentials:
     username: str
@@ -305,11 +309,11 @@ class Authenticator:
             if token is not None and used == f"Bearer {token.value}":
                 del self._tokens[scope]
 
-    def unauthorized(self, why: str) -> PybuildError:
+    def unauthorized(self, why: str) -> Unauthorized:
         who = self.credentials
         if who is None:
-            return PybuildError(f"{self.registry}: unauthorized: {why}",
+            return Unauthorized(f"{self.registry}: unauthorized: {why}",
                                 hint=f"log in with `pybuild login {self.registry}`")
-        return PybuildError(f"{self.registry}: unauthorized: {why} (user {who.username!r}: incorrect user name or "
+        return Unauthorized(f"{self.registry}: unauthorized: {why} (user {who.username!r}: incorrect user name or "
                             "password, or no access)",
                             hint=f"log in again with `pybuild login {self.registry}`")

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 
 from builder.oci.image import MEDIA_MANIFEST, Descriptor
 from builder.oci.store import ImageStore
+from builder.registry.auth import Unauthorized
 from builder.registry.client import Registry, RegistryError
 from builder.registry.push import _Uploader
 from builder.registry.reference import insecure_hosts, parse_remote
@@ -41,11 +42,14 @@ class RegistryCacheSource:
                     warn(f"[warning] {self.label}: no cache there yet; the build runs without it")
                 return
             if exc.status in (401, 403) and warn is not None:
-                # A pull request from a fork may not read the cache its base branch pushed; the build still can.
-                warn(f"[warning] {self.label}: may not be read ({exc.message}); the build runs without it"
-                     + (f" ({exc.hint})" if exc.hint else ""))
+                self._unreadable(exc, warn)
                 return
             raise PybuildError(f"{self.label}: {exc.message}", hint=exc.hint) from None
+        except Unauthorized as exc:
+            if warn is None:
+                raise PybuildError(f"{self.label}: {exc.message}", hint=exc.hint) from None
+            self._unreadable(exc, warn)
+            return
         except PybuildError as exc:
             raise PybuildError(f"{self.label}: {exc.message}", hint=exc.hint) from None
         try:
@@ -53,6 +57,11 @@ class RegistryCacheSource:
         except ValueError:
             raise PybuildError(f"{self.label}: the manifest there is not JSON") from None
         self.steps = read_cache_documents(manifest, self._config, self.label)
+
+    def _unreadable(self, exc: PybuildError, warn: Callable[[str], None]) -> None:
+        """A pull request from a fork may not read the cache its base branch pushed; the build still can."""
+        warn(f"[warning] {self.label}: may not be read ({exc.message}); the build runs without it"
+             + (f" ({exc.hint})" if exc.hint else ""))
 
     def _config(self, digest: str, size: int) -> object:
         if size > MAX_CONFIG_BYTES:
