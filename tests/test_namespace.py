@@ -164,7 +164,9 @@ def test_rootless_single_id(shared_tree: Path) -> None:
     report = run_as(65534, 65534, shared_tree, checks)
     namespace = report["namespace"]
     assert namespace.pop("missing_ids").startswith("your user nobody has no range in /etc/subuid and /etc/subgid")
-    assert namespace == {"rootless": True, "id_ranges": 1, "overlay_userxattr": True, "gid_ranges": 1}
+    assert namespace == {"rootless": True, "id_ranges": 1, "overlay_userxattr": True, "gid_ranges": 1,
+                         "isolation": "namespaces", "reason": "rootless: through a user namespace", "may_mknod": False,
+                         "missing": None}
     uid, hostname, proc, links, touched, other_user = report["results"]
     assert uid == [0, "0\n"]
     assert hostname == [0, "pybuild\n"]
@@ -206,7 +208,9 @@ def test_rootless_with_subordinate_ids(shared_tree: Path, user_with_subordinate_
     as_www = {"uid": 1000, "gid": 1000, "groups": [50]}
     report = run_as(uid, gid, shared_tree, [(["id"], as_www), (["touch", "/tmp/by-www"], as_www), (["id", "-u"], {})])
     assert report["namespace"] == {"rootless": True, "id_ranges": 65537, "overlay_userxattr": True,
-                                   "gid_ranges": 65537, "missing_ids": None}
+                                   "gid_ranges": 65537, "missing_ids": None, "isolation": "namespaces",
+                                   "reason": "rootless: through a user namespace", "may_mknod": False,
+                                   "missing": None}
     assert report["results"] == [[0, "uid=1000(www) gid=1000(www) groups=50(staff)\n"], [0, ""], [0, "0\n"]]
     made = (shared_tree / f"rootfs-{uid}" / "tmp" / "by-www").stat()
     # Inside id 1000 is the 1000th subordinate id (id 1 inside is the range's start).

@@ -91,9 +91,9 @@ def report(done: subprocess.CompletedProcess) -> dict:
 def one_line_error(done: subprocess.CompletedProcess) -> str:
     """Exit 2 with one error as pybuild writes every error: `pybuild: error: ...`, or for a mistake in the
     Dockerfile `FILE:LINE:COL: message` with the line and a caret under it; `hint:` lines may follow, and the
-    rebuild's own progress (`#N ...`) may come before it."""
+    rebuild's own progress (`#N ...`, and the isolation it runs with) may come before it."""
     assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
-    lines = [line for line in done.stderr.splitlines() if not line.startswith("#")]
+    lines = [line for line in done.stderr.splitlines() if not line.startswith(("#", "isolation: "))]
     errors = [line for line in lines if line.startswith("pybuild: error: ") or re.match(r"\S+:\d+:\d+: ", line)]
     assert len(errors) == 1, done.stderr
     rest = lines[lines.index(errors[0]) + 1:]
