@@ -215,13 +215,18 @@ def _differs(lower: Entry, current: Entry) -> bool:
 
 
 class _Differ:
-    """Writes what changed in ``merged`` (relative to the lowers) into ``upper``."""
+    """Moves what changed in ``merged`` (relative to the lowers) into ``upper``: merged is thrown away after, so a
+    new or changed entry is renamed across rather than copied, a whole new directory in one rename. Only an
+    inode with several names is copied, so each of its names can be linked to the one copy, as overlayfs does."""
 
     def __init__(self, merged: Path, upper: Path, originals: dict[tuple[str, ...], DirIdentity]) -> None:
         self.merged = os.fspath(merged)
         self.upper = os.fspath(upper)
         self.originals = originals
-        self.made: set[tuple[str, ...]] = set()
+        # Directories made in upper, with their merged stat from before anything was moved out of them.
+        self.made: dict[tuple[str, ...], os.stat_result] = {}
+        self.moved: set[tuple[str, ...]] = set()  # whole directories renamed into upper
+        self.root_stat = os.lstat(self.merged)
         # Hardlinks: the upper copy of each linked inode, and unchanged names sharing an inode.
         self.copied: dict[tuple[int, int], str] = {}
         self.linked: dict[tuple[int, int], list[tuple[str, ...]]] = {}
@@ -234,11 +239,11 @@ class _Differ:
 
     def ensure(self, rel: tuple[str, ...]) -> None:
         """Make the upper directory ``rel`` (metadata follows in ``finish``)."""
-        if not rel or rel in self.made:
+        if not rel or rel in self.made or rel in self.moved:
             return
         self.ensure(rel[:-1])
         os.mkdir(self._upper(rel), 0o700)
-        self.made.add(rel)
+        self.made[rel] = os.lstat(self._merged(rel))
 
     def marker(self, rel: tuple[str, ...], name: str) -> None:
         self.ensure(rel)
@@ -247,22 +252,28 @@ class _Differ:
         os.close(fd)
 
     def copy(self, rel: tuple[str, ...], st: os.stat_result) -> None:
-        """Copy a merged entry (a whole tree for a directory) into upper."""
+        """Move a merged entry (a whole tree for a directory) into upper."""
         self.ensure(rel[:-1])
         source, target = self._merged(rel), self._upper(rel)
         if stat.S_ISDIR(st.st_mode):
+            if _no_linked_files(source):
+                os.rename(source, target)
+                self.moved.add(rel)
+                return
             self.ensure(rel)
             with os.scandir(source) as scan:
                 for entry in sorted(scan, key=lambda entry: entry.name):
                     self.copy((*rel, entry.name), entry.stat(follow_symlinks=False))
             return
+        if st.st_nlink == 1:
+            os.rename(source, target)
+            return
         key = (st.st_dev, st.st_ino)
-        if st.st_nlink > 1 and key in self.copied:
+        if key in self.copied:
             os.link(self.copied[key], target)
             return
         _copy_node(source, target, st)
-        if st.st_nlink > 1:
-            self.copied[key] = target
+        self.copied[key] = target
 
     def directory(self, rel: tuple[str, ...], dirs: list[str]) -> None:
         lower_names = set(visible_names(dirs)) if dirs else set()
@@ -295,15 +306,29 @@ class _Differ:
                     self.ensure(rel[:-1])
                     os.link(self.copied[key], self._upper(rel))
         for rel in sorted(self.made, key=len, reverse=True):
-            copy_metadata(self._merged(rel), self._upper(rel), os.lstat(self._merged(rel)))
-        copy_metadata(self.merged, self.upper, os.lstat(self.merged))
+            copy_metadata(self._merged(rel), self._upper(rel), self.made[rel])
+        copy_metadata(self.merged, self.upper, self.root_stat)
+
+
+def _no_linked_files(top: str) -> bool:
+    """Whether no file under ``top`` has a name elsewhere (a tree that can move into upper as it is)."""
+    pending = [top]
+    while pending:
+        with os.scandir(pending.pop()) as scan:
+            for entry in scan:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.stat(follow_symlinks=False).st_nlink > 1:
+                    return False
+    return True
 
 
 def diff_tree(merged: Path, lowers: Sequence[Path], upper: Path,
               originals: dict[tuple[str, ...], DirIdentity]) -> None:
-    """Write into the empty ``upper`` what differs between ``merged`` and the stacked ``lowers``.
+    """Move into the empty ``upper`` what differs between ``merged`` and the stacked ``lowers``.
 
-    ``originals`` is what ``materialize`` returned when it made ``merged``.
+    ``originals`` is what ``materialize`` returned when it made ``merged``; ``merged`` is left unusable (what
+    changed has left it), to be removed, and must be on ``upper``'s filesystem.
     """
     differ = _Differ(merged, upper, originals)
     differ.directory((), LowerView(lowers).roots)
