@@ -223,3 +223,17 @@ def test_chroot_refuses_a_network_of_its_own_and_none_refuses_RUN(tmp_path: Path
     done, _ = _build_in_tier(tmp_path, "", "none", "--isolation", "none")
     assert done.returncode == 1
     assert "RUN needs a sandbox, and this environment allows none (--isolation=none asked for)" in done.stderr
+
+
+@pytest.mark.slow
+def test_chroot_says_what_it_cannot_keep_of_a_tmpfs_mount(tmp_path: Path) -> None:
+    """A plain directory stands in for a tmpfs under chroot: its size limit is named as lost, never dropped unsaid."""
+    require_setpriv()
+    context = tmp_path / "context"
+    context.mkdir()
+    (context / "Dockerfile").write_text("FROM busybox-base\nRUN --mount=type=tmpfs,target=/t,size=1m touch /t/x\n")
+    environment = {**os.environ, "PYBUILD_ROOT": str(tmp_path / "store")}
+    run([*PYBUILD, "build", "-q", "-t", "busybox-base", "--build-context", "busybox=/bin", EXAMPLES / "base"],
+        env=environment)
+    done = run([*PYBUILD, "build", "--progress=plain", "--isolation=chroot", context], env=environment)
+    assert "[warning] --mount=type=tmpfs,target=/t: its size limit cannot be kept under chroot isolation" in done.stderr

@@ -207,6 +207,10 @@ def run(spec: SandboxSpec, on_output: Callable[[bytes], None], interpreter: Inte
             if spec.network == "none":
                 raise SandboxError("a network of its own (--network=none) needs a network namespace, which chroot "
                                    "isolation cannot make")
+            for mount in spec.mounts:
+                if isinstance(mount, TmpfsMount) and mount.size is not None:
+                    on_output(f"[warning] --mount=type=tmpfs,target={mount.target}: its size limit cannot be kept "
+                              "under chroot isolation (a plain directory stands in for the tmpfs)\n".encode())
             with lent_root(spec, rootfs, isolation.may_mknod):
                 interpreter = interpreter or Interpreter()
                 return interpreter.run(_chroot_plan(spec, rootfs), on_output)
