@@ -222,6 +222,10 @@ def test_user_with_ranges_runs_every_command_in_its_own_store(installed, login_u
     assert files["home/www/www-uid"][:2] == (1000, 1000) and files["home/www/www-uid"][2] == b"1000\n"
     assert files["home/www/www-home"][2] == b"home=/home/www\n"  # USER 1000 is www in the image's passwd
     assert files["root-home"][2] == b"home=/root\n"
+    assert built.stderr.splitlines()[0] == "isolation: namespaces (rootless: through a user namespace)"
+    chrooted = dev.run(installed, "build", "--isolation=chroot", shared / "app", cwd=dev.home)
+    assert chrooted.returncode == 1  # chroot is root's: a user is told, never given a weaker isolation
+    assert "--isolation=chroot cannot be had: pybuild runs without root" in chrooted.stderr
 
     listed = dev.run(installed, "images")
     assert listed.returncode == 0, listed.stderr
