@@ -90,7 +90,8 @@ class _Loan:
         held = self.holding / str(len(self.undo))
         os.rename(host, held)
         if directory:
-            os.mkdir(host, 0o755)
+            os.mkdir(host)
+            os.chmod(host, 0o755)  # whatever the builder's umask, the step's user must be able to pass
         else:
             os.close(os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644))
 
@@ -173,7 +174,8 @@ class _Loan:
         directory = resolve_inside(self.rootfs, HEREDOC_SCRIPT_DIR)
         if os.path.lexists(directory):
             raise SandboxError(f"cannot make the heredoc script: {HEREDOC_SCRIPT_DIR} exists in the image")
-        os.mkdir(directory, 0o755)
+        os.mkdir(directory)
+        os.chmod(directory, 0o755)
         self.undo.append(lambda: _remove(directory))
         for name, content in scripts:
             fd = os.open(directory / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755)
