@@ -40,7 +40,8 @@ COPY a.txt /src/a.txt
 COPY hosts /etc/hosts
 COPY keep /dev/keep
 RUN echo built > /built && echo x > /dev/null && head -c 4 /dev/urandom | wc -c > /random-bytes \\
-    && test -c /dev/null && ls /dev > /dev-list && cat /etc/hosts > /hosts-seen
+    && test -c /dev/null && ls /dev > /dev-list \\
+    && { grep -q the-image-own-hosts /etc/hosts && echo image-own || echo builds-own; } > /hosts-seen
 RUN --mount=type=secret,id=tok sh -c 'test -s /run/secrets/tok && wc -c < /run/secrets/tok > /secret-seen'
 RUN --mount=type=cache,target=/var/cache/app sh -c 'echo run >> /var/cache/app/log && cp /var/cache/app/log /cache-log'
 RUN --mount=type=bind,target=/mnt cat /mnt/a.txt > /from-bind
@@ -195,7 +196,7 @@ def test_chroot_leaves_nothing_lent_in_the_step_root(tmp_path: Path) -> None:
         assert files.get(made) == content, made
     assert files["home/www/id"].startswith(b"uid=1000")
     assert files["etc/hosts"] == b"10.0.0.1 the-image-own-hosts\n" and files["dev/keep"] == b"a /dev the image has\n"
-    assert b"the-image-own-hosts" not in files["hosts-seen"]  # the step saw the build's hosts file, as docker's
+    assert files["hosts-seen"] == b"builds-own\n"  # the step saw the build's hosts file, as docker's
 
 
 def layer_files(archive: Path) -> dict[str, bytes | None]:
@@ -237,3 +238,14 @@ def test_chroot_says_what_it_cannot_keep_of_a_tmpfs_mount(tmp_path: Path) -> Non
         env=environment)
     done = run([*PYBUILD, "build", "--progress=plain", "--isolation=chroot", context], env=environment)
     assert "[warning] --mount=type=tmpfs,target=/t: its size limit cannot be kept under chroot isolation" in done.stderr
+
+
+@pytest.mark.slow
+def test_chroot_builds_are_reproducible_under_other_conditions(tmp_path: Path) -> None:
+    """--check-reproducible builds again with the builder's umask 077, another host name, TZ and locale: the chroot
+    stand-ins must not let any of them into a layer, nor lock USER 1000 out of /dev."""
+    require_setpriv()
+    done, _ = _build_in_tier(tmp_path, "-sys_admin,-setfcap", "check", "--check-reproducible")
+    assert done.returncode == 0, done.stderr
+    assert "isolation: chroot (" in done.stderr
+    assert "reproducible: sha256:" in done.stderr
