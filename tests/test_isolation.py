@@ -120,6 +120,13 @@ def test_apparmor_restriction_is_named_with_what_to_do(tmp_path: Path, monkeypat
     assert namespace._apparmor_restriction() == ("AppArmor restricts unprivileged user namespaces "
                                                  "(kernel.apparmor_restrict_unprivileged_userns=1)")
     assert "AppArmor profile" in namespace.APPARMOR_HINT and "--isolation=chroot" in namespace.APPARMOR_HINT
+    refused = namespace._refused("cannot map user ids for the build", "Operation not permitted", hint="ranges")
+    assert (refused.message, refused.hint) == ("cannot map user ids for the build: AppArmor restricts unprivileged "
+                                               "user namespaces (kernel.apparmor_restrict_unprivileged_userns=1)",
+                                               namespace.APPARMOR_HINT)
+    sysctl.write_text("0\n")
+    refused = namespace._refused("cannot map user ids for the build", "Operation not permitted", hint="ranges")
+    assert (refused.message, refused.hint) == ("cannot map user ids for the build: Operation not permitted", "ranges")
 
 
 def test_own_map_is_the_process_ids_one_short_of_the_whole_range(tmp_path: Path) -> None:

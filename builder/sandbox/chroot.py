@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from builder.fs.diff import copy_metadata, materialize
+from builder.sandbox.child import DEV_LINKS, DEVICES
 from builder.sandbox.parent import (
     HEREDOC_SCRIPT_DIR,
     BindMount,
@@ -32,10 +33,8 @@ from builder.sandbox.parent import (
     resolve_inside,
 )
 
-# The nodes the namespace sandbox binds from the host's /dev: (name, major, minor).
-DEVICES = (("null", 1, 3), ("zero", 1, 5), ("full", 1, 7), ("random", 1, 8), ("urandom", 1, 9), ("tty", 5, 0))
-DEV_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
-             ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx"))
+# The numbers of the nodes the namespace sandbox binds from the host's /dev (child.DEVICES): (major, minor).
+DEVICE_NUMBERS = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 
 
 @contextlib.contextmanager
@@ -147,12 +146,12 @@ class _Loan:
         once, writes are thrown away with it)."""
         # The namespace sandbox mounts a fresh /dev over the image's: what the image keeps there is set aside too.
         dev = self._place("/dev", directory=True)
-        for name, major, minor in DEVICES:
+        for name in DEVICES:
             node = dev / name
             if os.path.lexists(node):
                 continue
             if may_mknod:
-                os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+                os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(*DEVICE_NUMBERS[name]))
             elif name == "null":
                 os.close(os.open(node, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
             else:

@@ -114,9 +114,8 @@ def enter_build_namespace(isolation: str = "auto") -> BuildNamespace:
         linux.mount(None, "/", None, linux.MS_REC | linux.MS_PRIVATE)
     except OSError as error:
         if error.errno != errno.EINVAL:
-            restriction = _apparmor_restriction() if error.errno == errno.EPERM else None
-            raise PybuildError(f"cannot make the build's mounts private: {restriction or error.strerror}",
-                               hint=APPARMOR_HINT if restriction else None) from None
+            raise _refused("cannot make the build's mounts private", error.strerror,
+                           apparmor=error.errno == errno.EPERM) from None
         _make_visible_mounts_private()
     ids = read_id_map(Path("/proc/self/uid_map"))
     gids = read_id_map(Path("/proc/self/gid_map"))
@@ -133,12 +132,16 @@ def entered() -> BuildNamespace | None:
 
 
 def _without_namespaces(asked: str, reason: str) -> BuildNamespace:
-    """Chroot where root may chroot, else none; ``asked`` chroot that cannot be had is an error."""
+    """Chroot where root may chroot, else none; ``asked`` chroot that cannot be had is an error.
+
+    No namespace is entered: the process keeps the ids it has, all of them real.
+    """
+    whole = INITIAL_MAP[0][2]
     effective = _effective_capabilities()
     if asked != "none":
         if os.geteuid() == 0 and effective & (1 << CAP_SYS_CHROOT):
-            return BuildNamespace(rootless=False, id_ranges=INITIAL_MAP[0][2], overlay_userxattr=False,
-                                  gid_ranges=INITIAL_MAP[0][2], isolation="chroot",
+            return BuildNamespace(rootless=False, id_ranges=whole, overlay_userxattr=False, gid_ranges=whole,
+                                  isolation="chroot",
                                   reason=f"{reason}; RUN steps run in a chroot and share the container's network",
                                   may_mknod=bool(effective & (1 << CAP_MKNOD)))
         lack = "root" if os.geteuid() != 0 else "CAP_SYS_CHROOT"
@@ -146,9 +149,8 @@ def _without_namespaces(asked: str, reason: str) -> BuildNamespace:
             raise PybuildError(f"--isolation=chroot cannot be had: pybuild runs without {lack}",
                                hint="run pybuild as root with CAP_SYS_CHROOT (a container's default)")
         reason = f"{reason}; no chroot without {lack}"
-    return BuildNamespace(rootless=False, id_ranges=INITIAL_MAP[0][2], overlay_userxattr=False,
-                          gid_ranges=INITIAL_MAP[0][2], isolation="none",
-                          reason=f"{reason}; RUN steps cannot run, everything else can",
+    return BuildNamespace(rootless=False, id_ranges=whole, overlay_userxattr=False, gid_ranges=whole,
+                          isolation="none", reason=f"{reason}; RUN steps cannot run, everything else can",
                           missing=f"RUN needs a sandbox, and this environment allows none ({reason})")
 
 
@@ -240,9 +242,7 @@ def _enter_user_namespace() -> str | None:
         Path("/proc/self/uid_map").write_text(f"0 {uid} 1\n")
         Path("/proc/self/gid_map").write_text(f"0 {gid} 1\n")
     except PermissionError as error:
-        restriction = _apparmor_restriction()
-        raise PybuildError(f"cannot map user ids for the build: {restriction or error.strerror}",
-                           hint=APPARMOR_HINT if restriction else None) from None
+        raise _refused("cannot map user ids for the build", error.strerror) from None
     return missing
 
 
@@ -346,6 +346,15 @@ def _apparmor_restriction() -> str | None:
     return f"AppArmor restricts unprivileged user namespaces (kernel.{APPARMOR_USERNS.name}=1)"
 
 
+def _refused(what: str, cause: str, hint: str | None = None, apparmor: bool = True) -> PybuildError:
+    """A refusal in making the build's user namespace; where AppArmor restricts such namespaces, that is the cause
+    named, with what to do about it, rather than the bare error."""
+    restriction = _apparmor_restriction() if apparmor else None
+    if restriction:
+        return PybuildError(f"{what}: {restriction}", hint=APPARMOR_HINT)
+    return PybuildError(f"{what}: {cause}", hint=hint)
+
+
 def _newidmap(uid_command: list[str], gid_command: list[str]) -> Callable[[int], None]:
     """Writing the maps through the setuid newuidmap and newgidmap, which check /etc/subuid and /etc/subgid."""
     import subprocess  # only rootless builds with subordinate ids pay for it
@@ -390,22 +399,17 @@ def _map_with_helper(write_maps: Callable[[int], None]) -> None:
         with os.fdopen(report_r, "rb") as report:
             message = report.read().decode(errors="replace")
     if os.waitstatus_to_exitcode(status) != 0:
-        restriction = _apparmor_restriction()
-        if restriction:
-            raise PybuildError(f"cannot map user ids for the build: {restriction}", hint=APPARMOR_HINT)
-        raise PybuildError(f"cannot map user ids for the build: {message or 'the id mapping helper failed'}",
-                           hint=f"check your user's ranges in {SUBUID} and {SUBGID}")
+        raise _refused("cannot map user ids for the build", message or "the id mapping helper failed",
+                       hint=f"check your user's ranges in {SUBUID} and {SUBGID}")
 
 
 def _unshare(flags: int, what: str) -> None:
     try:
         linux.unshare(flags)
     except OSError as error:
-        hint = None
-        if flags & linux.CLONE_NEWUSER:
-            restriction = _apparmor_restriction()
-            if restriction:
-                raise PybuildError(f"cannot create {what}: {restriction}", hint=APPARMOR_HINT) from None
-            hint = ("unprivileged user namespaces may be disabled here (see the sysctls "
-                    "user.max_user_namespaces and kernel.unprivileged_userns_clone), or run pybuild as root")
-        raise PybuildError(f"cannot create {what}: {error.strerror}", hint=hint) from None
+        if not flags & linux.CLONE_NEWUSER:
+            raise PybuildError(f"cannot create {what}: {error.strerror}") from None
+        raise _refused(f"cannot create {what}", error.strerror,
+                       hint="unprivileged user namespaces may be disabled here (see the sysctls "
+                            "user.max_user_namespaces and kernel.unprivileged_userns_clone), or run pybuild as root"
+                       ) from None
