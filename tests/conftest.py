@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,25 @@ def conformance_dir() -> Path:
     if not CONFORMANCE.is_dir():
         pytest.skip(f"BuildKit conformance data not found at {CONFORMANCE}; it lives beside the checkout")
     return CONFORMANCE
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkout built as a wheel once per session, for the tests that install it into containers."""
+    from containers import build_wheel
+
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+@contextlib.contextmanager
+def readable_tempdir(prefix: str) -> Iterator[Path]:
+    """A temporary directory other users may enter (pytest's own lie where only root may), removed afterwards."""
+    top = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        top.chmod(0o755)
+        yield top
+    finally:
+        shutil.rmtree(top)
 
 
 BUSYBOX = Path("/bin/busybox")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import BUSYBOX, SUBORDINATE_ID_FILES, skip_if_chrooted, subordinate_ids_restored
+from conftest import BUSYBOX, SUBORDINATE_ID_FILES, readable_tempdir, skip_if_chrooted, subordinate_ids_restored
 from e2e import EXAMPLES, Pybuild, build_base
 
 pytestmark = pytest.mark.slow
@@ -144,23 +144,15 @@ def installed(login_users: dict[str, User]) -> Iterator[tuple[str, ...]]:
 @pytest.fixture(scope="module")
 def shared(login_users: dict[str, User]) -> Iterator[Path]:
     """A directory every user may read: the base image as an archive, and the build contexts."""
-    top = Path(tempfile.mkdtemp(prefix="pybuild-as-users-"))
-    try:
-        top.chmod(0o755)
+    with readable_tempdir("pybuild-as-users-") as top:
         yield _fill_shared(top)
-    finally:
-        shutil.rmtree(top)
 
 
 @pytest.fixture
 def tmp_path() -> Iterator[Path]:
     """A temporary directory other users may enter (pytest's own lies in a directory only root may)."""
-    top = Path(tempfile.mkdtemp(prefix="pybuild-as-users-tmp-"))
-    try:
-        top.chmod(0o755)
+    with readable_tempdir("pybuild-as-users-tmp-") as top:
         yield top
-    finally:
-        shutil.rmtree(top)
 
 
 def _fill_shared(top: Path) -> Path:

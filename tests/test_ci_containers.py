@@ -22,7 +22,6 @@ from containers import (
     Outcome,
     Step,
     build,
-    build_wheel,
     docker_daemon,
     make_rootfs,
     podman_engine,
@@ -97,11 +96,6 @@ class Ran:
 
     def __getitem__(self, name: str) -> Outcome:
         return self.outcomes[name]
-
-
-@pytest.fixture(scope="session")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="session")

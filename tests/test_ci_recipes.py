@@ -29,7 +29,6 @@ from containers import (
     DockerEngine,
     Engine,
     Outcome,
-    build_wheel,
     docker_daemon,
     make_rootfs,
     podman_engine,
@@ -273,11 +272,6 @@ def first_line_of(text: str, prefix: str) -> int:
 
 
 # --- fixtures ----------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 @pytest.fixture(scope="module")

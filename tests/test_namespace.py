@@ -7,12 +7,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import make_busybox_rootfs, skip_if_chrooted, subordinate_ids_restored
+from conftest import make_busybox_rootfs, readable_tempdir, skip_if_chrooted, subordinate_ids_restored
 
 from builder.sandbox.namespace import _map_arguments, read_id_map, subordinate_ranges
 
@@ -121,15 +120,11 @@ def shared_tree() -> Iterator[Path]:
     skip_if_chrooted("a user namespace")
     if shutil.which("setpriv") is None or shutil.which("unshare") is None:
         pytest.skip("setpriv and unshare (util-linux) are needed to run a test as another user")
-    top = Path(tempfile.mkdtemp(prefix="pybuild-ns-"))
-    try:
-        top.chmod(0o755)
+    with readable_tempdir("pybuild-ns-") as top:
         for package in ("builder", "parser"):
             shutil.copytree(REPO_ROOT / package, top / package, ignore=shutil.ignore_patterns("__pycache__"))
         subprocess.run(["chmod", "-R", "a+rX", str(top)], check=True)
         yield top
-    finally:
-        shutil.rmtree(top)
 
 
 def run_as(uid: int, gid: int, tree: Path, checks: list) -> dict:

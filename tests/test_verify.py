@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import readable_tempdir
 from e2e import EXAMPLES, PYBUILD, Pybuild, loaded, read_oci_archive, run, saved_base
 from test_as_users import LOGIN_PATH, User, installed, login_users  # noqa: F401 - fixtures used by name
 
@@ -741,12 +741,8 @@ RUN echo made > /home/www/made && chown 1000:1000 /home/www/made
 @pytest.fixture
 def shared_dir() -> Iterator[Path]:
     """A directory the test user may read (pytest's tmp_path lies where only root may)."""
-    top = Path(tempfile.mkdtemp(prefix="pybuild-verify-"))
-    try:
-        top.chmod(0o755)
+    with readable_tempdir("pybuild-verify-") as top:
         yield top
-    finally:
-        shutil.rmtree(top)
 
 
 def test_diff_and_verify_as_a_user_with_ranges(installed, login_users, base_archive: Path,  # noqa: F811
