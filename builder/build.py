@@ -13,7 +13,7 @@ from builder.oci.image import config_json, sha256_digest
 from builder.oci.store import atomic_file
 from builder.progress import make_progress
 from builder.rebuild import RebuildOptions
-from builder.sandbox.parent import Interpreter
+from builder.sandbox.parent import SandboxServer
 from builder.solver import BuildOptions, SecretSource, Solver, Variation
 from cache.leases import shared_lease
 from parser.errors import PybuildError
@@ -64,11 +64,11 @@ class BuildResult:
     names: tuple[str, ...]
 
 
-def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter | None = None) -> BuildResult:
+def run_build(request: BuildRequest, state_root: Path, sandbox_server: SandboxServer | None = None) -> BuildResult:
     """Build what ``request`` asks into the store at ``state_root``.
 
     The caller chooses the store before the build enters its namespace (where every user is root);
-    ``interpreter``, a sandbox started ahead by the caller, serves the first RUN.
+    ``sandbox_server``, started ahead by the caller, serves the RUN steps (the build closes it).
     """
     from builder.sandbox.namespace import enter_build_namespace
 
@@ -95,7 +95,7 @@ def run_build(request: BuildRequest, state_root: Path, interpreter: Interpreter 
                 dry_run=request.dry_run, pull=request.pull, insecure_registries=request.insecure_registries,
                 variation=request.variation,
             )
-            solver = Solver(graph, options, progress, root, interpreter)
+            solver = Solver(graph, options, progress, root, sandbox_server)
             image = solver.solve()
             if request.dry_run:
                 planned = [step.state for step in progress.steps]

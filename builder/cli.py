@@ -17,7 +17,7 @@ import click
 from parser.errors import PybuildError
 
 if TYPE_CHECKING:
-    from builder.sandbox.parent import Interpreter
+    from builder.sandbox.parent import SandboxServer
 
 
 class _BuildByDefault(click.Group):
@@ -302,8 +302,8 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
     identity = BuildRecords.identity(dockerfile_path, context, target)
     # Built on this store before: its RUN steps will likely hit, and a sandbox started ahead would only be stopped.
     built_before = not dry_run and BuildRecords(root / "cache").has(identity)
-    # A first build: its first RUN's sandbox boots on the other core while the builder loads.
-    interpreter = None if dry_run or built_before else _start_sandbox_early(source, isolation)
+    # A first build: the sandbox server boots on the other core while the builder loads.
+    sandbox_server = None if dry_run or built_before else _start_sandbox_early(source, isolation)
     rebuild = None  # where a rebuild may be given without the builder: what it must find unchanged
     if push and not tags:
         raise PybuildError("--push needs a name to push to: give one with -t")
@@ -358,7 +358,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
             no_cache_stages=frozenset(name.strip() for text in no_cache_filter for name in text.split(",")
                                       if name.strip()),
         )
-        result = run_build(request, root, interpreter=interpreter)
+        result = run_build(request, root, sandbox_server=sandbox_server)
         if check_reproducible and not dry_run:
             _check_reproducible(root, request, result.manifest_digest, name)
     except PybuildError as exc:
@@ -371,8 +371,8 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
         destinations = [Path(output["dest"]).parent for output in parsed_outputs if output.get("dest")]
         raise os_error(exc, [root, *destinations]) from exc
     finally:
-        if interpreter is not None:
-            interpreter.close()  # unless a RUN used it
+        if sandbox_server is not None:
+            sandbox_server.close()
 
 
 def _check_reproducible(root: Path, request, manifest: str, dockerfile_name: str) -> None:
@@ -400,19 +400,19 @@ def _check_reproducible(root: Path, request, manifest: str, dockerfile_name: str
     raise _Finished(1)
 
 
-def _start_sandbox_early(source: bytes, isolation: str) -> Interpreter | None:
-    """A sandbox interpreter for the first RUN, booting (~14 ms) on another core while the builder loads.
+def _start_sandbox_early(source: bytes, isolation: str) -> SandboxServer | None:
+    """The build's sandbox server, booting (~15 ms) on another core while the builder loads.
 
     Started only where the text says RUN at all; a false guess (a comment, an ONBUILD) costs an idle process.
     """
     if b"RUN" not in source.upper():
         return None
     from builder.sandbox.namespace import enter_build_namespace
-    from builder.sandbox.parent import Interpreter
+    from builder.sandbox.parent import SandboxServer
 
     if enter_build_namespace(isolation).missing:  # the sandbox must start inside it, to see the step's root
         return None  # no RUN can run here
-    return Interpreter()
+    return SandboxServer()
 
 
 def _source_date_epoch(build_args: dict[str, str]) -> int:

@@ -35,7 +35,7 @@ from cache.keys import MissCause, step_key
 from cache.records import BuildRecords
 from parser.errors import PybuildError, SourceRange
 from parser.flags import Mount, mount_id, mount_mode, mount_size
-from parser.instructions import Add, Copy, Instruction, Run, parse
+from parser.instructions import Add, Copy, Instruction, parse
 
 IMAGE_CONTEXT_PREFIXES = ("docker-image://", "oci-layout:", "oci-archive:")
 
@@ -138,7 +138,7 @@ class Solver:
     """Builds the stages a graph needs, sharing one store, blob store and snapshot store."""
 
     def __init__(self, graph: BuildGraph, options: BuildOptions, progress: Progress, state_root: Path,
-                 interpreter: sandbox.Interpreter | None = None) -> None:
+                 sandbox_server: sandbox.SandboxServer | None = None) -> None:
         from builder.fs.context import BuildContext
         from builder.fs.snapshot import Snapshots, snapshotter
         from builder.oci.store import ImageStore
@@ -175,9 +175,7 @@ class Solver:
         global_args.update((name, value) for name, value in graph.global_args if value is not None)
         self.inputs = StepInputs(graph.dockerfile.escape, options.build_args, global_args)
         self.exported_stages = self._base_chain(graph.target)
-        self.interpreters = sandbox.SpareInterpreters(sum(
-            isinstance(instruction, Run) for index in graph.needed for instruction in graph.stages[index].instructions
-        ), started=interpreter)
+        self.sandboxes = sandbox.Sandboxes(sandbox_server)
 
     def scratch_dir(self) -> Path:
         """A work dir for one step, named by this process so a later build can tell it is stale."""
@@ -227,7 +225,7 @@ class Solver:
             self.pending_layers.close(wait=False)
             raise
         finally:
-            self.interpreters.close()
+            self.sandboxes.close()
             self.cache.flush()
             self.cache.file_digests.save()
         pool.shutdown(wait=True)
@@ -779,7 +777,7 @@ class StepContext:
                 )
                 try:
                     code = sandbox.run(spec, lambda data: progress.output(step, data),
-                                       interpreter=self.solver.interpreters.take())
+                                       server=self.solver.sandboxes.server())
                 except sandbox.SandboxError as exc:
                     raise PybuildError(f"RUN: {exc.message}", op.location, hint=exc.hint) from None
             if code != 0:

@@ -421,94 +421,144 @@ def test_symlink_loops_are_refused(tmp_path: Path) -> None:
 
 
 @needs_root
-def test_an_interpreter_started_ahead_runs_the_plan_once(busybox_rootfs: Path) -> None:
-    interpreter = sandbox.Interpreter()
-    assert interpreter.ready()
-    chunks: list[bytes] = []
-    spec = SandboxSpec(rootfs=busybox_rootfs, argv=("sh", "-c", "echo $$"), env=PATH_ENV)
-    assert sandbox.run(spec, chunks.append, interpreter=interpreter) == 0
-    assert b"".join(chunks) == b"1\n"  # PID 1 of its own namespace, as without a started interpreter
-    assert not interpreter.ready() and interpreter.process.returncode == 0
-    interpreter.close()  # used up: closing again changes nothing
+def test_one_server_forks_every_run_each_in_its_own_namespaces(busybox_rootfs: Path) -> None:
+    server = sandbox.SandboxServer()
+    try:
+        outputs = []
+        for _ in range(3):
+            chunks: list[bytes] = []
+            spec = SandboxSpec(rootfs=busybox_rootfs, argv=("sh", "-c", "echo $$; ls /proc | grep -c '^[0-9]'"),
+                               env=PATH_ENV)
+            assert sandbox.run(spec, chunks.append, server=server) == 0
+            outputs.append(b"".join(chunks))
+        # PID 1 of a namespace of its own each time, which holds only it and its ls and grep
+        assert outputs == [b"1\n3\n"] * 3
+        assert server.process.poll() is None  # the same server served all three
+    finally:
+        server.close()
+    assert server.process.returncode == 0
 
 
 @needs_root
-def test_a_dead_interpreter_is_replaced(busybox_rootfs: Path) -> None:
-    interpreter = sandbox.Interpreter()
-    interpreter.process.kill()
-    interpreter.process.wait()
-    assert not interpreter.ready()
+def test_exit_codes_and_signals_come_back_through_the_server(busybox_rootfs: Path) -> None:
+    server = sandbox.SandboxServer()
+    try:
+        for argv, code in ((("true",), 0), (("sh", "-c", "exit 3"), 3), (("sh", "-c", "exit 200"), 200)):
+            spec = SandboxSpec(rootfs=busybox_rootfs, argv=argv, env=PATH_ENV)
+            assert sandbox.run(spec, lambda data: None, server=server) == code, argv
+    finally:
+        server.close()
+
+
+@needs_root
+def test_no_descriptor_of_the_server_or_the_builder_reaches_the_command(busybox_rootfs: Path) -> None:
     chunks: list[bytes] = []
-    spec = SandboxSpec(rootfs=busybox_rootfs, argv=("echo", "fresh"), env=PATH_ENV)
-    assert sandbox.run(spec, chunks.append, interpreter=interpreter) == 0
-    assert b"".join(chunks) == b"fresh\n"
+    spec = SandboxSpec(rootfs=busybox_rootfs, argv=("ls", "/proc/self/fd"), env=PATH_ENV)
+    assert sandbox.run(spec, chunks.append) == 0
+    assert b"".join(chunks).split() == [b"0", b"1", b"2", b"3"]  # 3: ls's own listing of the directory
 
 
-def test_an_unused_interpreter_is_ended_and_reaped() -> None:
-    interpreter = sandbox.Interpreter()
-    pid = interpreter.process.pid
-    interpreter.close()
-    assert interpreter.process.returncode is not None
+@needs_root
+def test_runs_from_several_threads_share_one_server(busybox_rootfs: Path) -> None:
+    server = sandbox.SandboxServer()
+    results: dict[int, tuple[int, bytes]] = {}
+
+    def one(number: int) -> None:
+        chunks: list[bytes] = []
+        spec = SandboxSpec(rootfs=busybox_rootfs, argv=("sh", "-c", f"sleep 0.2; echo {number}"), env=PATH_ENV)
+        results[number] = (sandbox.run(spec, chunks.append, server=server), b"".join(chunks))
+
+    try:
+        threads = [threading.Thread(target=one, args=(number,)) for number in range(4)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert time.monotonic() - started < 0.2 * 4  # they ran at once, not one after another
+    finally:
+        server.close()
+    assert results == {number: (0, f"{number}\n".encode()) for number in range(4)}
+
+
+@needs_root
+def test_a_step_stopped_half_way_leaves_no_process(busybox_rootfs: Path, tmp_path: Path) -> None:
+    """An error in the builder while a command runs (here: in its output handler) kills the command."""
+    server = sandbox.SandboxServer()
+    marker = "sandbox-stop-test-" + str(os.getpid())
+
+    def fail(data: bytes) -> None:
+        raise RuntimeError("the builder stops")
+
+    try:
+        spec = SandboxSpec(rootfs=busybox_rootfs, argv=("sh", "-c", f"echo go; exec sleep 30 {marker}"),
+                           env=PATH_ENV)
+        with pytest.raises(RuntimeError, match="the builder stops"):
+            sandbox.run(spec, fail, server=server)
+        deadline = time.monotonic() + 5
+        while marker.encode() in subprocess.run(["ps", "-eo", "args"], capture_output=True).stdout:
+            assert time.monotonic() < deadline, "the command outlived its step"
+            time.sleep(0.05)
+        spec = SandboxSpec(rootfs=busybox_rootfs, argv=("echo", "after"), env=PATH_ENV)
+        chunks: list[bytes] = []
+        assert sandbox.run(spec, chunks.append, server=server) == 0 and b"".join(chunks) == b"after\n"
+    finally:
+        server.close()
+
+
+@needs_root
+def test_a_killed_server_is_an_error_and_the_build_starts_another(busybox_rootfs: Path) -> None:
+    sandboxes = sandbox.Sandboxes(sandbox.SandboxServer())
+    try:
+        first = sandboxes.server()
+        first.process.kill()
+        first.process.wait()
+        spec = SandboxSpec(rootfs=busybox_rootfs, argv=("echo", "fresh"), env=PATH_ENV)
+        with pytest.raises(SandboxError, match="the sandbox server has ended"):
+            sandbox.run(spec, lambda data: None, server=first)
+        second = sandboxes.server()
+        assert second is not first
+        chunks: list[bytes] = []
+        assert sandbox.run(spec, chunks.append, server=second) == 0
+        assert b"".join(chunks) == b"fresh\n"
+    finally:
+        sandboxes.close()
+
+
+def test_a_closed_server_is_ended_and_reaped() -> None:
+    server = sandbox.SandboxServer()
+    pid = server.process.pid
+    server.close()
+    assert server.process.returncode == 0
     assert not Path(f"/proc/{pid}").exists()
 
 
+def test_the_server_ends_with_the_builder() -> None:
+    """It dies with the process that started it, even one killed without a chance to close it."""
+    script = ("import sys, time; from builder.sandbox.parent import SandboxServer; "
+              "server = SandboxServer(); print(server.process.pid, flush=True); time.sleep(30)")
+    builder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        server_pid = int(builder.stdout.readline())
+        assert Path(f"/proc/{server_pid}").exists()
+    finally:
+        builder.kill()
+        builder.wait()
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{server_pid}").exists() and b"Z" not in Path(f"/proc/{server_pid}/stat").read_bytes().split()[2]:
+        assert time.monotonic() < deadline, "the sandbox server outlived its builder"
+        time.sleep(0.05)
+
+
 @needs_root
-def test_a_failed_plan_ends_the_interpreter(busybox_rootfs: Path) -> None:
-    interpreter = sandbox.Interpreter()
-    spec = SandboxSpec(rootfs=busybox_rootfs, argv=(), env=PATH_ENV)
-    with pytest.raises(SandboxError, match="nothing to run"):
-        sandbox.run(spec, lambda data: None, interpreter=interpreter)
-    assert interpreter.process.returncode is not None
-
-
-def test_spare_interpreters_cover_the_runs_they_are_told_of() -> None:
-    spares = sandbox.SpareInterpreters(3, started=sandbox.Interpreter())
-    first = spares.take()
-    second = spares.take()
+def test_a_failed_plan_leaves_the_server_serving(busybox_rootfs: Path) -> None:
+    server = sandbox.SandboxServer()
     try:
-        assert first is not None and second is not None and first is not second
-        assert first.ready() and second.ready()
-        assert spares.take() is not None  # the third, started while the second ran
-        assert spares.take() is None  # more RUNs than counted (ONBUILD triggers) start their own
+        spec = SandboxSpec(rootfs=busybox_rootfs, argv=("no-such-command",), env=PATH_ENV)
+        with pytest.raises(SandboxError, match="no-such-command"):
+            sandbox.run(spec, lambda data: None, server=server)
+        chunks: list[bytes] = []
+        spec = SandboxSpec(rootfs=busybox_rootfs, argv=("echo", "still"), env=PATH_ENV)
+        assert sandbox.run(spec, chunks.append, server=server) == 0 and b"".join(chunks) == b"still\n"
     finally:
-        for interpreter in (first, second):
-            if interpreter is not None:
-                interpreter.close()
-    assert sandbox.SpareInterpreters(0).take() is None
-
-
-def test_without_one_started_ahead_the_first_run_starts_its_own_and_the_next_is_ready() -> None:
-    """A rebuild whose RUNs may all hit starts no interpreter until one is needed."""
-    spares = sandbox.SpareInterpreters(2)
-    assert spares._spare is None
-    assert spares.take() is None  # the first RUN starts its own...
-    second = spares.take()  # ...and one for the second was started meanwhile
-    try:
-        assert second is not None and second.ready()
-    finally:
-        if second is not None:
-            second.close()
-
-
-def test_closing_spare_interpreters_ends_the_waiting_one() -> None:
-    spares = sandbox.SpareInterpreters(3, started=sandbox.Interpreter())
-    waiting = spares._spare
-    assert waiting is not None and waiting.ready()
-    spares.close()
-    assert waiting.process.returncode is not None
-    assert spares.take() is None
-
-
-def test_an_interpreter_started_for_a_build_without_runs_is_ended() -> None:
-    started = sandbox.Interpreter()
-    spares = sandbox.SpareInterpreters(0, started=started)
-    assert started.process.returncode is not None
-    assert spares.take() is None
-
-
-def test_an_interpreter_started_early_serves_the_first_run() -> None:
-    started = sandbox.Interpreter()
-    spares = sandbox.SpareInterpreters(1, started=started)
-    assert spares.take() is started
-    assert spares.take() is None
-    started.close()
+        server.close()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import marshal
 import os
+import signal
 import stat
+import struct
 import subprocess
 import sys
 import threading
@@ -19,7 +22,7 @@ MAX_SYMLINKS = 40
 HEREDOC_SCRIPT_DIR = "/dev/pipes"  # where BuildKit shows a RUN heredoc that starts with #!
 # The interpreter is started isolated and without site for speed; the package is found by its own location.
 _BOOT = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r}); "
-         "from builder.sandbox.child import main; main()")
+         "from builder.sandbox.child import serve; serve()")
 
 
 @dataclass
@@ -78,129 +81,127 @@ class SandboxError(PybuildError):
     """The command could not be started (setup failed); its own failures are exit codes instead."""
 
 
-class Interpreter:
-    """A sandbox process started ahead of its step: ``builder.sandbox.child`` waiting on a pipe for its plan.
+class SandboxServer:
+    """The process that forks each RUN's sandbox: ``builder.sandbox.child.serve``, one interpreter per build.
 
-    Starting the interpreter is most of a RUN's fixed cost (about 14 ms); one started while the builder
-    mounts the root, or while the previous step runs, is ready when the plan is. The thread that starts
-    it must outlive the step that uses it: the step's processes die with that thread.
+    Starting an interpreter is most of a RUN's fixed cost (about 15 ms of CPU); forking one that has loaded
+    the sandbox code costs about one. A run sends the server its pipes on a socket pair; the server forks a
+    waiter that reads the plan from one, runs the command and tells its status on another. The thread that
+    starts the server must outlive every step that uses it: the server dies with that thread, and the
+    steps' processes with the server. Safe to use from several threads at once.
     """
 
     def __init__(self) -> None:
-        self._used = False
-        spec_r, self.spec_w = os.pipe()
-        self.status_r, status_w = os.pipe()
-        self.output_r, output_w = os.pipe()
+        import socket
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            # A session of its own: the terminal's Ctrl-C reaches only the builder, which then kills the step.
+            # A session of its own: the terminal's Ctrl-C reaches only the builder, which then kills the steps.
             self.process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _BOOT, str(spec_r), str(status_w)],
-                stdin=subprocess.DEVNULL, stdout=output_w, stderr=output_w, pass_fds=(spec_r, status_w),
-                start_new_session=True,
+                [sys.executable, "-I", "-S", "-c", _BOOT, str(theirs.fileno()), str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),), start_new_session=True,
             )
         except BaseException:
-            for fd in (self.spec_w, self.status_r, self.output_r):
-                os.close(fd)
+            ours.close()
             raise
         finally:
-            for fd in (spec_r, status_w, output_w):
-                os.close(fd)
-
-    def ready(self) -> bool:
-        return not self._used and self.process.poll() is None
+            theirs.close()
+        self._channel = ours
 
     def close(self) -> None:
-        """End it if it was never used: it has started nothing yet, so killing it is enough."""
-        if self._used:
-            return
-        self._used = True
-        self.process.kill()
+        """End the server (it ends when its socket does) and reap it; running steps are not waited for."""
+        self._channel.close()
         self.process.wait()
-        for fd in (self.spec_w, self.status_r, self.output_r):
-            os.close(fd)
 
     def run(self, plan: dict, on_output: Callable[[bytes], None]) -> int:
-        """Send the plan, stream the output, and return the exit code; an interpreter runs one plan."""
-        self._used = True
-        process = self.process
+        """Send the plan, stream the output, and return the exit code."""
+        import socket
+
+        spec_r, spec_w = os.pipe()
+        status_r, status_w = os.pipe()
+        output_r, output_w = os.pipe()
+        exit_r, exit_w = os.pipe()
+        pid = None
         try:
             try:
-                with open(self.spec_w, "wb") as spec_pipe:
-                    spec_pipe.write(marshal.dumps(plan))
-            except BrokenPipeError:
-                pass  # the child died early; its status pipe or exit code says why
-            failure = _read_all(self.status_r)
-            while chunk := os.read(self.output_r, 65536):
+                socket.send_fds(self._channel, [b"r"], [spec_r, status_w, output_w, exit_w])
+            except OSError:
+                raise SandboxError("the sandbox server has ended (was it killed?)") from None
+            finally:
+                for fd in (spec_r, status_w, output_w, exit_w):
+                    os.close(fd)
+            pid = _read_number(exit_r)
+            if pid is not None:
+                try:
+                    with open(spec_w, "wb", closefd=False) as spec_pipe:
+                        spec_pipe.write(marshal.dumps(plan))
+                except BrokenPipeError:
+                    pass  # the waiter died early; its status pipe says why
+            os.close(spec_w)
+            spec_w = -1
+            failure = _read_all(status_r)
+            while chunk := os.read(output_r, 65536):
                 on_output(chunk)
-            code = process.wait()
-        except BaseException:
-            # The child's death takes PID 1 of the namespace with it (parent-death signal), and every process.
-            process.kill()
-            process.wait()
-            raise
+            code = _read_number(exit_r)
+            if failure:
+                raise SandboxError(failure.decode(errors="replace"))
+            if code is None:
+                raise SandboxError("the sandbox ended without an exit status (was it killed?)")
+            pid = None  # it has ended: nothing to kill
+            return code
         finally:
-            os.close(self.status_r)
-            os.close(self.output_r)
-        if failure:
-            raise SandboxError(failure.decode(errors="replace"))
-        return code if code >= 0 else 128 - code
+            if pid is not None:  # stopped half way (an error, Ctrl-C): the command's namespace dies with its waiter
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for fd in (spec_w, status_r, output_r, exit_r):
+                if fd >= 0:
+                    os.close(fd)
 
 
-class SpareInterpreters:
-    """Keeps one sandbox interpreter started ahead of the next RUN, so no RUN waits for Python to start.
+class Sandboxes:
+    """The build's sandbox server, started when the first RUN needs one (a rebuild whose RUNs all hit starts
+    none), or given ahead by the caller, who started it while the builder loaded."""
 
-    The first is the one the caller ``started`` ahead, if any: a rebuild whose RUNs may all come from the
-    cache starts none. Each RUN that takes one (or finds none and starts its own) starts the next while it
-    runs, as long as RUNs are left. Stage threads live until the build ends, as their interpreters must.
-    """
-
-    def __init__(self, runs: int, started: Interpreter | None = None) -> None:
+    def __init__(self, started: SandboxServer | None = None) -> None:
         self._lock = threading.Lock()
-        self._runs_left = runs
-        if started is not None and not runs:
-            started.close()
-            started = None
-        self._spare = started
+        self._server = started
 
-    def take(self) -> Interpreter | None:
-        """The spare interpreter for the RUN about to start (None: it starts its own)."""
+    def server(self) -> SandboxServer:
         with self._lock:
-            spare, self._spare = self._spare, None
-            self._runs_left -= 1
-            if self._runs_left > 0:
-                self._spare = Interpreter()
-        return spare
+            if self._server is None or self._server.process.poll() is not None:
+                self._server = SandboxServer()
+            return self._server
 
     def close(self) -> None:
         with self._lock:
-            spare, self._spare = self._spare, None
-            self._runs_left = 0
-        if spare is not None:
-            spare.close()
+            server, self._server = self._server, None
+        if server is not None:
+            server.close()
 
 
-def run(spec: SandboxSpec, on_output: Callable[[bytes], None], interpreter: Interpreter | None = None) -> int:
+def run(spec: SandboxSpec, on_output: Callable[[bytes], None], server: SandboxServer | None = None) -> int:
     """Run the command and return its exit status, 128 + the signal number if a signal killed it.
 
     Mount points missing in the rootfs are created for the run and removed after it. The plan goes to
     ``builder.sandbox.child`` on a pipe (it may name secret files, so never on the command line or in the
     environment); all mounting happens in that child's private mount namespace, so none outlives it.
-    ``interpreter``, one started ahead (it is used up), saves starting one now.
+    ``server``, the build's sandbox server; without one, a server is started for this run alone.
     Safe to call from several threads at once: it changes no process-wide state.
     """
     from builder.sandbox.namespace import entered
 
-    if interpreter is not None and not interpreter.ready():
-        interpreter.close()
-        interpreter = None
     isolation = entered()
     created: list[Path] = []
+    own_server = None
     try:
         if not spec.argv:
             raise SandboxError("nothing to run: the command is empty")
         if spec.network not in ("none", "host"):
             raise SandboxError(f"unsupported sandbox network mode {spec.network!r} (use none or host)")
         rootfs = spec.rootfs.resolve()
+        if server is None:
+            server = own_server = SandboxServer()
         if isolation is not None and isolation.isolation == "chroot":
             from builder.sandbox.chroot import lent_root
 
@@ -212,20 +213,17 @@ def run(spec: SandboxSpec, on_output: Callable[[bytes], None], interpreter: Inte
                     on_output(f"[warning] --mount=type=tmpfs,target={mount.target}: its size limit cannot be kept "
                               "under chroot isolation (a plain directory stands in for the tmpfs)\n".encode())
             with lent_root(spec, rootfs, isolation.may_mknod):
-                interpreter = interpreter or Interpreter()
-                return interpreter.run(_chroot_plan(spec, rootfs), on_output)
-        plan = _plan(spec, rootfs, created)
-        interpreter = interpreter or Interpreter()
-        return interpreter.run(plan, on_output)
+                return server.run(_chroot_plan(spec, rootfs), on_output)
+        return server.run(_plan(spec, rootfs, created), on_output)
     finally:
         remove_created(created)
-        if interpreter is not None:
-            interpreter.close()  # unless it ran the plan
+        if own_server is not None:
+            own_server.close()
 
 
 def _chroot_plan(spec: SandboxSpec, rootfs: Path) -> dict:
     """The child's instructions under chroot isolation: the root is already furnished, nothing is mounted."""
-    return {"isolation": "chroot", "parent": os.getpid(), "rootfs": str(rootfs), "argv": list(spec.argv),
+    return {"isolation": "chroot", "rootfs": str(rootfs), "argv": list(spec.argv),
             "env": list(spec.env), "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid, "groups": list(spec.groups)}
 
 
@@ -254,7 +252,7 @@ def _plan(spec: SandboxSpec, rootfs: Path, created: list[Path]) -> dict:
                            "content": mount.content,
                            "target": str(target), "mode": mount.mode, "uid": mount.uid, "gid": mount.gid})
     return {
-        "isolation": "namespaces", "parent": os.getpid(), "rootfs": str(rootfs), "proc": str(proc), "dev": str(dev),
+        "isolation": "namespaces", "rootfs": str(rootfs), "proc": str(proc), "dev": str(dev),
         "mounts": mounts,
         "argv": list(spec.argv), "env": list(spec.env),
         "cwd": spec.cwd, "uid": spec.uid, "gid": spec.gid, "groups": list(spec.groups),
@@ -357,6 +355,14 @@ def remove_created(created: list[Path]) -> None:
                 path.unlink()
         except OSError:
             continue
+
+
+def _read_number(fd: int) -> int | None:
+    """The next native int on a waiter's exit pipe; None when the pipe ended first."""
+    data = b""
+    while len(data) < 4 and (chunk := os.read(fd, 4 - len(data))):
+        data += chunk
+    return struct.unpack("=i", data)[0] if len(data) == 4 else None
 
 
 def _read_all(fd: int) -> bytes:
