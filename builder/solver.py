@@ -28,7 +28,7 @@ from builder.ops import CopyOp, DirectoryOp, FilesystemOp, RunOp, WorkdirOp
 from builder.progress import Progress
 from builder.sandbox import parent as sandbox
 from builder.sandbox.linux import mark_top_directory
-from builder.sandbox.namespace import UnmappedId, check_mapped
+from builder.sandbox.namespace import UnmappedId, check_mapped, entered
 from builder.step_cache import StepCache
 from builder.steps import STEPS, FilesystemStep, StageState, StepInputs, describe, heredoc_body, scratch_state
 from cache.keys import MissCause, step_key
@@ -919,6 +919,11 @@ def unpack_layers(snapshots, blobs, image: oci.Image) -> None:
                     hint = f"the blob is damaged: remove {blob} and load or build the image again"
                 else:  # intact as its source made it: loading it again would fail the same way
                     hint = "the layer is as its image's source made it: that image is malformed"
+                    isolation = entered()
+                    if os.geteuid() != 0 and isolation is not None and isolation.isolation == "none":
+                        hint = ("as a user other than root without a user namespace, pybuild cannot give a layer's "
+                                "files the owners it names: run it as root, or where user namespaces are allowed "
+                                "(see the README, 'In a CI job's container')")
                 raise PybuildError(f"cannot unpack layer blob {layer.digest}: {exc.message}", hint=hint) from None
 
 

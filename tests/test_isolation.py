@@ -256,3 +256,29 @@ def test_chroot_builds_are_reproducible_under_other_conditions(tmp_path: Path) -
     assert done.returncode == 0, done.stderr
     assert "isolation: chroot (" in done.stderr
     assert "reproducible: sha256:" in done.stderr
+
+
+@pytest.mark.parametrize(("euid", "isolation", "hint"), [
+    (1000, "none", "as a user other than root without a user namespace, pybuild cannot give a layer's files"),
+    (0, "none", "the layer is as its image's source made it: that image is malformed"),
+    (1000, "namespaces", "the layer is as its image's source made it: that image is malformed"),
+])
+def test_a_layer_a_user_cannot_unpack_without_a_user_namespace_is_not_called_malformed(
+        monkeypatch: pytest.MonkeyPatch, euid: int, isolation: str, hint: str) -> None:
+    from types import SimpleNamespace
+
+    from builder import solver
+    from parser.errors import PybuildError
+
+    def refuse(diff_id: str, blob: Path) -> None:
+        raise PybuildError("layer sha256:aa: cannot extract member 'etc': Operation not permitted")
+
+    snapshots = SimpleNamespace(has=lambda diff_id: False, unpack=refuse)
+    blobs = SimpleNamespace(path=lambda digest: Path("/blob"), verify=lambda digest: None)  # the blob is intact
+    image = SimpleNamespace(layers=[SimpleNamespace(diff_id="sha256:aa", digest="sha256:bb")])
+    monkeypatch.setattr(solver, "entered", lambda: namespace.BuildNamespace(
+        rootless=False, id_ranges=1, overlay_userxattr=False, isolation=isolation))
+    monkeypatch.setattr(solver.os, "geteuid", lambda: euid)
+    with pytest.raises(PybuildError) as raised:
+        solver.unpack_layers(snapshots, blobs, image)
+    assert raised.value.hint.startswith(hint)
