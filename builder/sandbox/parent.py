@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _socket  # the public ``socket`` module builds its enums at import, 2 ms of every build
 import contextlib
 import marshal
 import os
@@ -92,9 +93,7 @@ class SandboxServer:
     """
 
     def __init__(self) -> None:
-        import socket
-
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         try:
             # A session of its own: the terminal's Ctrl-C reaches only the builder, which then kills the steps.
             self.process = subprocess.Popen(
@@ -110,14 +109,12 @@ class SandboxServer:
         self._channel = ours
 
     def close(self) -> None:
-        """End the server (it ends when its socket does) and reap it; running steps are not waited for."""
+        """End the server: it ends when its socket does. Neither it nor running steps are waited for, as a build
+        that is done need not watch a process exit (``process`` reaps it when asked)."""
         self._channel.close()
-        self.process.wait()
 
     def run(self, plan: dict, on_output: Callable[[bytes], None]) -> int:
         """Send the plan, stream the output, and return the exit code."""
-        import socket
-
         spec_r, spec_w = os.pipe()
         status_r, status_w = os.pipe()
         output_r, output_w = os.pipe()
@@ -125,21 +122,21 @@ class SandboxServer:
         pid = None
         try:
             try:
-                socket.send_fds(self._channel, [b"r"], [spec_r, status_w, output_w, exit_w])
+                fds = struct.pack("4i", spec_r, status_w, output_w, exit_w)
+                self._channel.sendmsg([b"r"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
             except OSError:
                 raise SandboxError("the sandbox server has ended (was it killed?)") from None
             finally:
                 for fd in (spec_r, status_w, output_w, exit_w):
                     os.close(fd)
-            pid = _read_number(exit_r)
-            if pid is not None:
-                try:
-                    with open(spec_w, "wb", closefd=False) as spec_pipe:
-                        spec_pipe.write(marshal.dumps(plan))
-                except BrokenPipeError:
-                    pass  # the waiter died early; its status pipe says why
+            try:  # before the waiter is known to run: it reads the plan once it has told its pid
+                with open(spec_w, "wb", closefd=False) as spec_pipe:
+                    spec_pipe.write(marshal.dumps(plan))
+            except BrokenPipeError:
+                pass  # the waiter died early, or never started; its status pipe says why
             os.close(spec_w)
             spec_w = -1
+            pid = _read_number(exit_r)
             failure = _read_all(status_r)
             while chunk := os.read(output_r, 65536):
                 on_output(chunk)
