@@ -372,7 +372,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
         raise os_error(exc, [root, *destinations]) from exc
     finally:
         if sandbox_server is not None:
-            sandbox_server.close()
+            sandbox_server.close(wait=False)  # a build that succeeded has reaped it; a failed one does not wait
 
 
 def _check_reproducible(root: Path, request, manifest: str, dockerfile_name: str) -> None:

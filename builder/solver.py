@@ -225,7 +225,7 @@ class Solver:
             self.pending_layers.close(wait=False)
             raise
         finally:
-            self.sandboxes.close()
+            self.sandboxes.close(wait=not self.failed.is_set())
             self.cache.flush()
             self.cache.file_digests.save()
         pool.shutdown(wait=True)

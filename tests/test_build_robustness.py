@@ -176,6 +176,22 @@ def test_ctrl_c_stops_the_build_and_its_processes(store: Pybuild, tmp_path: Path
     assert not [line for line in process_command_lines() if "sleep 61" in line]
 
 
+def test_a_failed_stage_ends_the_build_without_waiting_for_another_stages_step(store: Pybuild,
+                                                                              tmp_path: Path) -> None:
+    """Stages run in parallel: when one fails, another's long RUN is stopped, not waited for."""
+    directory = context(tmp_path, "FROM busybox-base AS slow\nRUN echo started; sleep 62\n"
+                                  "FROM busybox-base AS broken\nRUN sleep 1; exit 3\n"
+                                  "FROM busybox-base\nCOPY --from=slow /etc/passwd /a\n"
+                                  "COPY --from=broken /etc/passwd /b\n")
+    started = time.monotonic()
+    done = store.build(directory, check=False)
+    assert done.returncode == 3, done.stderr
+    assert time.monotonic() - started < 20
+    assert "RUN failed with exit code 3" in done.stderr and "Traceback" not in done.stderr
+    time.sleep(0.5)
+    assert not [line for line in process_command_lines() if "sleep 62" in line]
+
+
 def _read_until(process: subprocess.Popen, text: str) -> str:
     seen = ""
     deadline = time.monotonic() + 60

@@ -562,3 +562,20 @@ def test_a_failed_plan_leaves_the_server_serving(busybox_rootfs: Path) -> None:
         assert sandbox.run(spec, chunks.append, server=server) == 0 and b"".join(chunks) == b"still\n"
     finally:
         server.close()
+
+
+@needs_root
+def test_what_a_step_used_counts_as_the_builders_own(busybox_rootfs: Path) -> None:
+    """The server reaps its waiters and the builder reaps the server: `time` and benchmarks see the steps' CPU."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server = sandbox.SandboxServer()
+    spec = SandboxSpec(rootfs=busybox_rootfs, argv=("sh", "-c", "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"),
+                       env=PATH_ENV)
+    try:
+        assert sandbox.run(spec, lambda data: None, server=server) == 0
+    finally:
+        server.close()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime) > 0.1

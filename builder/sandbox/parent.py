@@ -108,10 +108,12 @@ class SandboxServer:
             theirs.close()
         self._channel = ours
 
-    def close(self) -> None:
-        """End the server: it ends when its socket does. Neither it nor running steps are waited for, as a build
-        that is done need not watch a process exit (``process`` reaps it when asked)."""
+    def close(self, wait: bool = True) -> None:
+        """End the server: it ends when its socket does, once its steps have. ``wait`` reaps it, so that what the
+        steps used counts as this process's own; a failed build does not wait for another stage's step."""
         self._channel.close()
+        if wait:
+            self.process.wait()
 
     def run(self, plan: dict, on_output: Callable[[bytes], None]) -> int:
         """Send the plan, stream the output, and return the exit code."""
@@ -170,11 +172,11 @@ class Sandboxes:
                 self._server = SandboxServer()
             return self._server
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         with self._lock:
             server, self._server = self._server, None
         if server is not None:
-            server.close()
+            server.close(wait)
 
 
 def run(spec: SandboxSpec, on_output: Callable[[bytes], None], server: SandboxServer | None = None) -> int:
