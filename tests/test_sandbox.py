@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_busybox_rootfs
+from conftest import make_busybox_rootfs, process_command_lines
 
 from builder.sandbox import parent as sandbox
 from builder.sandbox.parent import BindMount, SandboxError, SandboxSpec, SecretMount, TmpfsMount
@@ -496,7 +496,7 @@ def test_a_step_stopped_half_way_leaves_no_process(busybox_rootfs: Path, tmp_pat
         with pytest.raises(RuntimeError, match="the builder stops"):
             sandbox.run(spec, fail, server=server)
         deadline = time.monotonic() + 5
-        while marker.encode() in subprocess.run(["ps", "-eo", "args"], capture_output=True).stdout:
+        while [line for line in process_command_lines() if marker in line]:
             assert time.monotonic() < deadline, "the command outlived its step"
             time.sleep(0.05)
         spec = SandboxSpec(rootfs=busybox_rootfs, argv=("echo", "after"), env=PATH_ENV)
