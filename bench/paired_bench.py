@@ -7,6 +7,7 @@ each builder's own median.
 
     DOCKER_HOST=unix:///path/docker.sock .venv/bin/python bench/paired_bench.py trivial --rounds 15
     DOCKER_HOST=... .venv/bin/python bench/paired_bench.py b-srcrepo --phase warm   # rebuilds, nothing changed
+    DOCKER_HOST=... .venv/bin/python bench/paired_bench.py b-srcrepo --phase incr   # one source file changed
 
 Needs the peer benchmark's contexts and base image (run bench/peer_bench.sh once; it makes them) and
 a Docker daemon with BuildKit (the same the peer benchmark starts). Cleaning is as there: pybuild's store
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PEER = Path(os.environ.get("PEER_BENCH_DIR", REPO.parent / "shared" / "bench"))  # its gen-contexts.sh edits b-srcrepo
 
 
 def run(argv: list[str], env: dict[str, str]) -> None:
@@ -46,13 +48,16 @@ def main() -> None:
     parser.add_argument("--state", type=Path, default=Path(os.environ.get("BENCH_STATE", "/tmp/peer-bench")),
                         help="the peer benchmark's state dir (contexts, fixtures)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait after cleaning")
-    parser.add_argument("--phase", choices=["cold", "warm"], default="cold",
+    parser.add_argument("--phase", choices=["cold", "warm", "incr"], default="cold",
                         help="cold: each build on a cleaned builder; warm: each builder cleaned and built once, "
-                        "then every round rebuilds with nothing changed")
+                        "then every round rebuilds with nothing changed; incr (b-srcrepo): as warm, but each round "
+                        "first changes one source file, as the peer benchmark's incr phase does")
     parser.add_argument("--pybuild", help="the pybuild program (default: this checkout installed into the state dir "
                         "by bench/install_pybuild.sh, as `pip install .` installs it)")
     parser.add_argument("--docker", default="/usr/bin/docker")
     args = parser.parse_args()
+    if args.phase == "incr" and args.case != "b-srcrepo":
+        sys.exit("error: --phase incr changes a file of b-srcrepo; the other cases have no sources")
 
     context = args.state / "contexts" / args.case
     base_oci = args.state / "fixtures" / "busybox-base.pybuild.oci.tar"
@@ -88,21 +93,29 @@ def main() -> None:
                                     str(context / "Dockerfile"), str(context)]),
     }
     times: dict[str, list[float]] = {name: [] for name in builds}
-    if args.phase == "warm":
-        for clean, argv in builds.values():
-            clean()
-            run(argv, env)
-            run(argv, env)  # a first rebuild settles what the first build left (caches, page cache)
-    for number in range(args.rounds):
-        order = list(builds) if number % 2 == 0 else list(reversed(builds))
-        for name in order:
-            clean, argv = builds[name]
-            if args.phase == "cold":
+    contexts_tool = [str(PEER / "gen-contexts.sh")]
+    context_env = {**os.environ, "BENCH_STATE": str(args.state)}
+    try:
+        if args.phase != "cold":
+            for clean, argv in builds.values():
                 clean()
-                os.sync()
-                time.sleep(args.settle)
-            times[name].append(timed(argv, env))
-        print(f"round {number + 1}: " + "  ".join(f"{name} {times[name][-1]:.3f}" for name in builds), flush=True)
+                run(argv, env)
+                run(argv, env)  # a first rebuild settles what the first build left (caches, page cache)
+        for number in range(args.rounds):
+            if args.phase == "incr":  # the same edit for both builders of the round
+                run([*contexts_tool, "mutate", f"paired{number}"], context_env)
+            order = list(builds) if number % 2 == 0 else list(reversed(builds))
+            for name in order:
+                clean, argv = builds[name]
+                if args.phase == "cold":
+                    clean()
+                    os.sync()
+                    time.sleep(args.settle)
+                times[name].append(timed(argv, env))
+            print(f"round {number + 1}: " + "  ".join(f"{name} {times[name][-1]:.3f}" for name in builds), flush=True)
+    finally:
+        if args.phase == "incr":
+            run([*contexts_tool, "restore"], context_env)
     ratios = [mine / theirs for mine, theirs in zip(times["pybuild"], times["buildkit"], strict=True)]
     print(f"\n{args.case}, {args.phase}, {args.rounds} rounds, seconds (median, min..max):")
     for name, values in times.items():
