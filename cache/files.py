@@ -7,6 +7,7 @@ its stat showing it, so such a digest is not remembered: the next build reads th
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import marshal
 import os
@@ -25,18 +26,27 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+@functools.cache
 def source_stamp(*packages: Path) -> bytes:
     """The source files of ``packages`` (and of packages below them) by name, size and mtime: what a cache of
-    results this code computed keys on, so that another version, a reinstall or an edit computes afresh."""
-    entries = []
+    results this code computed keys on, so that another version, a reinstall or an edit computes afresh.
+    Taken once per process; ``os.scandir`` gives names and types without a call per path."""
+    entries: list[tuple[str, int, int]] = []
     for package in packages:
-        for directory, names, files in os.walk(package):
-            names[:] = sorted(name for name in names if name != "__pycache__")
-            for name in sorted(files):
-                if name.endswith((".py", ".lark")):
-                    st = os.stat(os.path.join(directory, name))
-                    entries.append((os.path.join(directory, name), st.st_size, st.st_mtime_ns))
+        _stamp_directory(os.fspath(package), entries)
     return repr(entries).encode()
+
+
+def _stamp_directory(directory: str, entries: list[tuple[str, int, int]]) -> None:
+    with os.scandir(directory) as scan:
+        found = sorted(scan, key=lambda entry: entry.name)
+    for entry in found:
+        if entry.is_dir(follow_symlinks=False):
+            if entry.name != "__pycache__":
+                _stamp_directory(entry.path, entries)
+        elif entry.name.endswith((".py", ".lark")):
+            st = entry.stat()
+            entries.append((entry.path, st.st_size, st.st_mtime_ns))
 
 
 class FileDigests:
