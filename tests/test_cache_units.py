@@ -13,6 +13,8 @@ import marshal
 import multiprocessing
 import os
 import shutil
+import subprocess
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -753,3 +755,39 @@ def test_a_record_whose_layer_is_not_in_the_manifest_is_dropped(tmp_path: Path) 
                           if entry["annotations"][DIFF_ID_ANNOTATION] != layer("two")]
     _replace_file(path, json.dumps(manifest).encode())
     assert set(CacheSource(tmp_path / "cache").steps) == {"1" * 64, "2" * 64, "4" * 64}
+
+
+def test_source_stamp_follows_the_sources_and_nothing_else(tmp_path: Path) -> None:
+    from cache.files import source_stamp
+
+    package = tmp_path / "pkg"
+    (package / "sub" / "__pycache__").mkdir(parents=True)
+    (package / "a.py").write_text("a = 1\n")
+    (package / "sub" / "grammar.lark").write_text("start: A\n")
+    (package / "sub" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"compiled")
+    (package / "notes.txt").write_text("not code\n")
+
+    def stamp() -> bytes:
+        source_stamp.cache_clear()  # taken once per process: a new process sees an edit
+        return source_stamp(package)
+
+    first = stamp()
+    assert b"a.py" in first and b"grammar.lark" in first
+    assert b"__pycache__" not in first and b"notes.txt" not in first
+    (package / "sub" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"compiled again")
+    (package / "notes.txt").write_text("still not code, longer\n")
+    assert stamp() == first
+    (package / "a.py").write_text("a = 22\n")  # another size
+    second = stamp()
+    assert second != first
+    os.utime(package / "sub" / "grammar.lark", ns=(1, 1))  # another mtime
+    assert stamp() != second
+
+
+def test_a_dockerfile_parsed_before_is_read_back_without_the_grammar_library(tmp_path: Path) -> None:
+    code = ("import sys; from pathlib import Path; from cache.parsed import parsed; "
+            f"found = parsed(b'FROM scratch\\nRUN true\\n', 'Dockerfile', Path({str(tmp_path)!r})); "
+            "print(type(found).__name__, len(found.instructions), 'lark' in sys.modules)")
+    outputs = [subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+               for _ in range(2)]
+    assert outputs == ["Dockerfile 2 True\n", "Dockerfile 2 False\n"]
