@@ -503,7 +503,7 @@ def rmi(store_root: Path, names: tuple[str, ...]) -> None:
     root = _store_root(store_root)
     store = ImageStore(root)
     for name in names:
-        image_id = store.resolve(name).image_id
+        image_id = store.image_id(name)
         for removed in store.remove(name):
             click.echo(f"Untagged: {removed}")
         if all(stored.image_id != image_id for stored in store.list()):

@@ -35,7 +35,8 @@ class SnapshotsLike(Protocol):
 
 @dataclass
 class Freed:
-    """What one pass removed: unnamed images (by ID), cache entries, blob files, unpacked layers, bytes."""
+    """What one pass removed: unnamed images (by ID, or by manifest digest where a named image keeps the ID),
+    cache entries, blob files, unpacked layers, bytes."""
 
     images: tuple[str, ...]
     cache_entries: int
@@ -130,9 +131,15 @@ def free_unused(images: ImageStoreLike, snapshots: SnapshotsLike, cache_root: Pa
     removes dangling images.
     """
     sweep_temp_files(cache_root)
-    unnamed = tuple(stored.image_id for stored in images.list() if not stored.names) if unnamed_images else ()
-    for image_id in unnamed:
-        images.remove(image_id)
+    # by manifest digest: a named image may share its ID (config) with an unnamed one stored in another compression;
+    # such a manifest is reported by its digest, as its ID stays
+    stored_images = images.list() if unnamed_images else []
+    named_ids = {stored.image_id for stored in stored_images if stored.names}
+    unnamed = tuple(stored.manifest.digest if stored.image_id in named_ids else stored.image_id
+                    for stored in stored_images if not stored.names)
+    for stored in stored_images:
+        if not stored.names:
+            images.remove(stored.manifest.digest)
     dropped = evicted
     mount_bytes = 0
     if drop_cache:

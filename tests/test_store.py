@@ -22,6 +22,7 @@ import pytest
 import zstandard
 from conftest import skip_if_chrooted
 
+from builder.fs.snapshot import Snapshots
 from builder.graph import host_platform
 from builder.oci.exporter import write_oci_archive
 from builder.oci.image import (
@@ -51,6 +52,7 @@ from builder.oci.store import (
     parse_reference,
 )
 from cache.blobs import CorruptBlobError
+from cache.gc import free_unused
 from parser.errors import PybuildError
 
 # Helpers shared with test_exporter.py: layers and images made by hand.
@@ -748,3 +750,27 @@ def test_store_index_of_wrong_types_is_damaged(store: ImageStore) -> None:
     store.index_path.write_text('{"manifests": [{"digest": 5}]}')
     with pytest.raises(PybuildError, match="index.json is damaged: index.json: entry 0: \"digest\" must be"):
         store.resolve("demo")
+
+
+def test_one_image_stored_in_two_compressions_keeps_one_id(store: ImageStore, tmp_path: Path) -> None:
+    """The same build exported with another --compression is another manifest of the same image ID (config)."""
+    entries = [[file_entry("hello", b"hello\n")]]
+    named = store.write_image(make_image(store, entries, cmd=("cat", "/hello")), ["app"])
+    unnamed = store.write_image(make_image(store, entries, "gzip", cmd=("cat", "/hello")), [])
+    image_id = store.resolve("app").image_id
+    assert named.digest != unnamed.digest and store.resolve(unnamed.digest).image_id == image_id
+    assert store.image_id(image_id[7:19]) == image_id
+    for reference in (image_id, image_id[7:19]):  # which of the two, only the user can say
+        with pytest.raises(PybuildError, match=rf"image ID {image_id} is stored as 2 manifests \(.*"
+                                               rf"{unnamed.digest}.*\); name one by its name or manifest digest"):
+            store.resolve(reference)
+
+    # prune drops the unnamed manifest only, and reports it by its digest, as the image ID stays
+    freed = free_unused(store, Snapshots(tmp_path / "snapshots"), tmp_path / "cache", unnamed_images=True)
+    assert freed.images == (unnamed.digest,)
+    assert [(stored.manifest, stored.names) for stored in store.list()] == [(named, ("app:latest",))]
+
+    # rmi by ID removes every manifest of it
+    store.write_image(make_image(store, entries, "gzip", cmd=("cat", "/hello")), [])
+    assert sorted(store.remove(image_id[7:19])) == sorted(["app:latest", unnamed.digest])
+    assert store.list() == []

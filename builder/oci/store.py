@@ -169,6 +169,10 @@ class StoredImage:
         return self.image.created
 
 
+def _ambiguous(reference: str, images: int) -> PybuildError:
+    return PybuildError(f"image ID prefix {reference!r} matches {images} images; give more digits")
+
+
 def _ref_name(entry: Descriptor) -> str | None:
     return dict(entry.annotations).get(REF_NAME_ANNOTATION)
 
@@ -384,28 +388,46 @@ class ImageStore:
         manifest = next(entry for entry in entries if entry.digest == digest)
         return digest, self._load(_plain(manifest), self._names_of(entries, digest))
 
+    def image_id(self, reference: str) -> str:
+        """The image ID (config digest) ``reference`` names, also where it is stored as several manifests."""
+        ids = {self._config_digest(digest) for digest in self._find_all(reference, self.entries())}
+        if len(ids) > 1:
+            raise _ambiguous(reference, len(ids))
+        return ids.pop()
+
     def _find(self, reference: str, entries: Sequence[Descriptor]) -> str:
         """The manifest digest of ``reference`` among index entries."""
+        found = self._find_all(reference, entries)
+        if len(found) == 1:
+            return found[0]
+        ids = {self._config_digest(digest) for digest in found}
+        if len(ids) == 1:  # one image ID, stored as several manifests (its layers compressed differently)
+            raise PybuildError(f"image ID {ids.pop()} is stored as {len(found)} manifests ({', '.join(found)}); "
+                               "name one by its name or manifest digest")
+        raise _ambiguous(reference, len(ids))
+
+    def _find_all(self, reference: str, entries: Sequence[Descriptor]) -> list[str]:
+        """The manifest digests ``reference`` names: one for a name or a manifest digest, every manifest whose
+        image ID starts with it for an ID (prefix)."""
         parsed = parse_reference(reference) if _REFERENCE.fullmatch(reference) else None
         if parsed is not None and parsed.digest is not None:
             if any(entry.digest == parsed.digest for entry in entries):
-                return parsed.digest
+                return [parsed.digest]
         elif parsed is not None:
             for entry in entries:
                 if _ref_name(entry) == parsed.name:
-                    return entry.digest
+                    return [entry.digest]
         prefix = _HEX_PREFIX.fullmatch(reference)
         if prefix is not None:
             wanted = prefix.group(1)
             manifests = list(dict.fromkeys(entry.digest for entry in entries))
-            found = {digest for digest in manifests if digest_hex(digest) == wanted}
+            found = [digest for digest in manifests if digest_hex(digest) == wanted]
             if found and len(wanted) == 64:  # a whole manifest digest: no need to read every manifest for IDs
-                return found.pop()
-            found |= {digest for digest in manifests if self._config_digest(digest)[len("sha256:"):].startswith(wanted)}
-            if len(found) == 1:
-                return found.pop()
+                return found
+            found += [digest for digest in manifests
+                      if digest not in found and self._config_digest(digest)[len("sha256:"):].startswith(wanted)]
             if found:
-                raise PybuildError(f"image ID prefix {reference!r} matches {len(found)} images; give more digits")
+                return found
         if parsed is None and prefix is None:
             parse_reference(reference)  # raises the reference syntax error
         raise ImageNotFound(f"image {reference!r} is not in the local store {self.root}",
@@ -430,21 +452,24 @@ class ImageStore:
         return sorted(images, key=lambda stored: (stored.created, stored.names), reverse=True)
 
     def remove(self, reference: str) -> tuple[str, ...]:
-        """Untag a name, or drop every name of an image given by digest or ID; returns the names removed.
+        """Untag a name, or drop every name of an image given by digest or ID (each manifest stored of that ID);
+        returns the names removed.
 
         An image whose last name goes leaves index.json; its blobs stay until ``gc()``.
         """
         removed: list[str] = []
 
         def change(entries: list[Descriptor]) -> list[Descriptor]:
-            digest = self._find(reference, entries)
+            digests = self._find_all(reference, entries)
+            if (count := len({self._config_digest(digest) for digest in digests})) > 1:
+                raise _ambiguous(reference, count)
             parsed = parse_reference(reference) if _REFERENCE.fullmatch(reference) else None
             by_name = parsed is not None and parsed.digest is None and any(
                 _ref_name(entry) == parsed.name for entry in entries)
             kept = []
             for entry in entries:
-                if entry.digest == digest and (not by_name or _ref_name(entry) == parsed.name):
-                    removed.append(_ref_name(entry) or digest)
+                if entry.digest in digests and (not by_name or _ref_name(entry) == parsed.name):
+                    removed.append(_ref_name(entry) or entry.digest)
                 else:
                     kept.append(entry)
             return kept
