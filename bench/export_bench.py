@@ -94,7 +94,7 @@ def export_throughput(tree: Path, tree_bytes: int, reps: int) -> None:
 
 def pybuild_command() -> list[str]:
     script = Path(sys.executable).with_name("pybuild")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "builder.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "builder"]
 
 
 def peak_rss(workdir: Path, gigabytes: int) -> None:

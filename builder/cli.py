@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import os
 import stat
@@ -43,6 +44,20 @@ def cli(ctx: click.Context, debug: bool) -> None:
     _debug = _debug or debug
     # Decided here, before any command enters a user namespace, where every user looks like root.
     ctx.obj = default_store_root()
+    if ctx.invoked_subcommand != "build":  # build loads more first, and says itself when it has
+        _startup_over()
+
+
+def _startup_over() -> None:
+    """Bring back the collector the program started without (``builder.__main__``), for what the command
+    allocates from here on.
+
+    Whatever start-up made (modules, classes, the grammar, the parsed Dockerfile) lives until the process
+    ends: it is frozen, so collections no longer walk it.
+    """
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def default_store_root() -> Path:
@@ -358,6 +373,7 @@ def build(store_root: Path, context: Path, file: str | None, tags: tuple[str, ..
             no_cache_stages=frozenset(name.strip() for text in no_cache_filter for name in text.split(",")
                                       if name.strip()),
         )
+        _startup_over()
         result = run_build(request, root, sandbox_server=sandbox_server)
         if check_reproducible and not dry_run:
             _check_reproducible(root, request, result.manifest_digest, name)

@@ -25,7 +25,7 @@ from parser.nodes import parse_raw
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 _SCRIPT = Path(sys.executable).with_name("pybuild")
-PYBUILD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "builder.cli"]
+PYBUILD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "builder"]
 # podman on these hosts: crun fails on the hybrid cgroup setup, and root may not raise rlimits.
 PODMAN_RUN = ["run", "--rm", "--runtime", "runc", "--network", "none",
               "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 _SCRIPT = Path(sys.executable).with_name("pybuild")
-PYBUILD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "builder.cli"]
+PYBUILD = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "builder"]
 
 
 @dataclass(frozen=True)
@@ -301,6 +301,35 @@ def test_grammar_library_loads_only_to_parse(statement: str, loads_grammar: bool
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(loads_grammar)
+
+
+# --- the collector: off while the program loads, back on for the command's own work ----------------------------------
+COLLECTOR = """
+import gc, os, sys
+import builder.__main__ as entry
+real_exit = os._exit
+def exit_telling(code):
+    print("collector", gc.isenabled(), gc.get_freeze_count(), flush=True)
+    real_exit(code)
+os._exit = exit_telling
+sys.argv = ["pybuild", *sys.argv[1:]]
+entry.main()
+"""
+
+
+@pytest.mark.parametrize("args", [("images",), ("build", "--progress=plain", ".")])
+def test_the_collector_comes_back_once_a_command_has_loaded(work: Path, args: tuple[str, ...]) -> None:
+    """Start-up runs without the cyclic collector (builder.__main__); each command turns it back on, with
+    what start-up made frozen, so a long build still frees its cyclic garbage."""
+    write(work, "Dockerfile", "FROM scratch\nCOPY hello /\n")
+    write(work, "hello", "hello\n")
+    environment = {**os.environ, "PYBUILD_ROOT": str(work / "store")}
+    done = subprocess.run([sys.executable, "-c", COLLECTOR, *args], cwd=work, capture_output=True, text=True,
+                          env=environment, timeout=60)
+    assert done.returncode == 0, done.stderr
+    _, enabled, frozen = done.stdout.splitlines()[-1].split()
+    assert enabled == "True"
+    assert int(frozen) > 10_000  # modules, classes, click's commands: never walked again
 
 
 # --- the boundary: whatever goes wrong is one line, the traceback only when asked for -------------------------------
