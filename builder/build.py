@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
 from builder.checks import check_graph
@@ -16,6 +16,7 @@ from builder.rebuild import RebuildOptions
 from builder.sandbox.parent import SandboxServer
 from builder.solver import BuildOptions, SecretSource, Solver, Variation
 from cache.leases import shared_lease
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 from parser.instructions import Dockerfile
 

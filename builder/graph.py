@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import platform
 from collections.abc import Mapping
-from dataclasses import dataclass
 
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 from parser.expand import expand
 from parser.instructions import Arg, ArgDefinition, Copy, Dockerfile, Env, From, Instruction, Run

@@ -7,8 +7,7 @@ is a field here or lies below the step (its parent layers), so nothing the key n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from parser.dataclass import dataclass
 from parser.errors import SourceRange
 from parser.flags import Mount
 from parser.instructions import Add, Copy

@@ -14,8 +14,10 @@ import threading
 import time
 import unicodedata
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, TextIO
+
+from parser.dataclass import dataclass
 
 if TYPE_CHECKING:
     from cache.keys import MissCause

@@ -20,9 +20,10 @@ import marshal
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from parser.dataclass import dataclass
 
 RACY_NS = 2_000_000_000
 NOTHING_CHANGED = "nothing this build reads changed since its last build: its image is given again"

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 
 from builder.checks import check_mount, check_network
@@ -33,6 +33,7 @@ from builder.step_cache import StepCache
 from builder.steps import STEPS, FilesystemStep, StageState, StepInputs, describe, heredoc_body, scratch_state
 from cache.keys import MissCause, step_key
 from cache.records import BuildRecords
+from parser.dataclass import dataclass
 from parser.errors import PybuildError, SourceRange
 from parser.flags import Mount, mount_id, mount_mode, mount_size
 from parser.instructions import Add, Copy, Instruction, parse

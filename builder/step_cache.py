@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from cache.files import FileDigests
 from cache.index import LayerBlob, LayerBlobs, StepIndex, StepResult
 from cache.keys import MissCause, miss_cause
 from cache.records import BuildRecords
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 if TYPE_CHECKING:

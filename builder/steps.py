@@ -10,13 +10,14 @@ from __future__ import annotations
 import posixpath
 import unicodedata
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 
 from builder.checks import check_copy, check_run, check_signal, exposed_ports
 from builder.graph import PREDEFINED_ARGS
 from builder.oci import image as oci
 from builder.ops import CopyOp, FilesystemOp, RunOp, WorkdirOp
 from builder.sandbox.parent import HEREDOC_SCRIPT_DIR
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 from parser.expand import expand
 from parser.instructions import (

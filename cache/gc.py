@@ -12,13 +12,13 @@ import contextlib
 import os
 import re
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from cache.index import LayerBlobs, StepIndex
 from cache.mounts import CacheMounts, process_alive
 from cache.records import BuildRecords
+from parser.dataclass import dataclass
 
 
 class ImageStoreLike(Protocol):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from parser.dataclass import dataclass
 
 KEY_VERSION = 1  # bumped when what a step makes from the same inputs changes
 

@@ -33,9 +33,9 @@ import stat
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 SHARING_MODES = ("shared", "private", "locked")

@@ -18,13 +18,13 @@ import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cache.blobs import TEMP_PREFIX, BlobStore
 from cache.files import sha256_file
 from cache.index import LayerBlob, copy_atomically, write_atomically
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 CACHE_CONFIG_TYPE = "application/vnd.pybuild.cache.config.v1+json"

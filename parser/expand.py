@@ -7,8 +7,9 @@ in the container does that, or nobody); ONBUILD triggers are expanded when they 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from parser.dataclass import dataclass
 from parser.errors import ShellExpansionError
 from parser.flags import Mount
 from parser.instructions import (

@@ -9,7 +9,8 @@ from __future__ import annotations
 import csv
 import enum
 import re
-from dataclasses import dataclass
+
+from parser.dataclass import dataclass
 
 
 class Kind(enum.Enum):

@@ -7,9 +7,10 @@ with each stage's ARG and ENV values.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import TYPE_CHECKING
 
+from parser.dataclass import dataclass
 from parser.errors import DockerfileSyntaxError, PybuildError, SourceRange
 from parser.flags import FlagError, FlagValues, Mount, MountError, parse_mount, read_flags
 from parser.lines import Directive, Heredoc, ParseWarning, parse_heredoc_word

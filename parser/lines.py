@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
+from parser.dataclass import dataclass
 from parser.errors import DockerfileSyntaxError, ShellExpansionError, SourceRange
 from parser.shell import UNICODE_SPACE, ShellLexer, split_heredoc_words
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import re
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 
 from lark import Lark, Token, Transformer
 from lark.exceptions import UnexpectedInput
 
+from parser.dataclass import dataclass
 from parser.errors import DockerfileSyntaxError, PybuildError, SourceRange
 from parser.lines import (
     Directive,

@@ -33,6 +33,8 @@ MUTABLE_NAMES = {  # (module, variable) assigned to by attribute, and what it ho
     ("builder/oci/exporter.py", "info"): "a tarfile.TarInfo",
     ("builder/progress.py", "step"): "a StepView",
     ("cache/blobs.py", "out"): "the BlobWriter handed out, given its digest once committed",
+    ("parser/dataclass.py", "__repr__"): "a method being made, named after its class",
+    ("parser/dataclass.py", "__eq__"): "a method being made, named after its class",
 }
 
 

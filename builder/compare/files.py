@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import BinaryIO
 
 from builder.fs.untar import member_parts, open_layer
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 # Files up to this size keep their bytes, so a difference can be shown and its cause recognised.

@@ -11,11 +11,12 @@ import gzip
 import json
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, BinaryIO
 
 from builder.compare.files import FileInfo, layer_files
 from builder.oci.image import Image
+from parser.dataclass import dataclass
 
 MAX_DIFF_LINES = 12
 

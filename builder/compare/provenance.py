@@ -14,10 +14,10 @@ import json
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"

@@ -13,7 +13,7 @@ import os
 import secrets
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from builder.compare.images import Comparison, Side, compare_images
 from builder.oci.image import MEDIA_LAYER_GZIP
 from builder.oci.store import ImageStore, StoredImage
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 from parser.instructions import Dockerfile, From
 

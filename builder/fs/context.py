@@ -16,10 +16,10 @@ import re
 import shutil
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 if TYPE_CHECKING:

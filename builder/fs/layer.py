@@ -15,7 +15,6 @@ import stat
 import tarfile
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
@@ -29,6 +28,7 @@ from builder.fs.untar import (
     is_overlay_whiteout,
 )
 from builder.oci.image import MEDIA_LAYER_GZIP, MEDIA_LAYER_ZSTD, Layer
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")

@@ -11,12 +11,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from builder.oci.image import Layer
 from cache.blobs import BlobStore
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 

@@ -18,13 +18,13 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
 from builder.fs.diff import LowerView, diff_tree, materialize
 from builder.fs.untar import extract_tar, open_layer
 from builder.sandbox.linux import MNT_DETACH, mark_top_directory, mount, umount
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 SNAPSHOTTER_ENV = "PYBUILD_SNAPSHOTTER"

@@ -13,10 +13,10 @@ number for the usual user-private groups.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from builder.fs.context import resolve_in_root
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 MAX_ID = 2**31 - 1  # runc's limit for uids and gids

@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import Any
 
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 MEDIA_CONFIG = "application/vnd.oci.image.config.v1+json"

@@ -35,7 +35,7 @@ import tempfile
 import time
 import zlib
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -66,6 +66,7 @@ from builder.oci.image import (
     parse_json,
 )
 from cache.blobs import CHUNK, BlobStore, CorruptBlobError, digest_hex
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 log = logging.getLogger(__name__)

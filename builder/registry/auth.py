@@ -20,11 +20,11 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from builder.registry.reference import DOCKER_HUB, DOCKER_HUB_AUTH_KEY, docker_config_dir, registry_of
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 HELPER_TIMEOUT_SECONDS = 60

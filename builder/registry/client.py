@@ -18,12 +18,12 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import BinaryIO
 from urllib.parse import urljoin, urlsplit
 
 from builder.registry.auth import Authenticator, Credentials
 from builder.registry.reference import api_host, plain_http_allowed
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 ATTEMPTS = 5

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from builder.graph import host_platform
 from builder.oci.image import (
@@ -26,6 +26,7 @@ from builder.progress import size_text
 from builder.registry.client import Registry
 from builder.registry.reference import RemoteReference, insecure_hosts, parse_remote
 from builder.registry.transfer import BlobLocations, download_blob, get_manifest
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 ACCEPT = (*INDEX_TYPES, *MANIFEST_TYPES)

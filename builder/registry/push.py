@@ -7,7 +7,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from builder.oci.image import Descriptor, manifest_from_json
@@ -15,6 +14,7 @@ from builder.oci.store import ImageStore, StoredImage
 from builder.registry.client import Registry, RegistryError
 from builder.registry.reference import RemoteReference, insecure_hosts, parse_remote
 from builder.registry.transfer import BlobLocations, rate_text
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 # Blobs up to this size go in one PUT; larger ones in PATCH chunks of CHUNK_BYTES (under a proxy's body

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from builder.oci.store import _REFERENCE, parse_reference
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 DOCKER_HUB = "docker.io"

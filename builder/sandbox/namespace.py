@@ -12,10 +12,10 @@ import pwd
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from builder.sandbox import linux
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 SUBUID = Path("/etc/subuid")

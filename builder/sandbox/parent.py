@@ -13,10 +13,10 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 MAX_SYMLINKS = 40
