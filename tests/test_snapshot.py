@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import os
@@ -254,6 +255,47 @@ def test_mount_is_gone_after_an_error(kind: str, store: Store) -> None:
         (root.merged / "x").write_text("x")
         raise RuntimeError("step failed")
     assert str(scratch / "merged") not in Path("/proc/self/mountinfo").read_text()
+
+
+def _mount_options(merged: Path) -> list[str]:
+    """The super options of the mount on ``merged`` (/proc/self/mountinfo's last field)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(merged):
+            return line.split(" - ")[1].split()[2].split(",")
+    raise AssertionError(f"{merged} is not mounted")
+
+
+def test_a_step_root_is_mounted_volatile(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its unmount does not sync the whole filesystem the upper dir lives on, and the step's files are all
+    there once it is unmounted."""
+    use(monkeypatch, "overlay")
+    scratch = store.scratch()
+    with mounted_root([], scratch) as root:
+        assert {"volatile", "fsync=volatile"} & set(_mount_options(root.merged))  # newer kernels show the latter
+        (root.merged / "made").write_text("made")
+    assert (root.upper / "made").read_text() == "made"
+    shutil.rmtree(scratch)  # what overlayfs leaves in a volatile mount's work dir goes with it
+    assert not scratch.exists()
+
+
+def test_a_kernel_without_volatile_mounts_mounts_without(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    use(monkeypatch, "overlay")
+    monkeypatch.setattr(snapshot, "_volatile", True)
+    tried: list[str] = []
+
+    def old_kernel(source: str, target: Path, kind: str, flags: int, options: str) -> None:
+        tried.append(options)
+        if "volatile" in options.split(","):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        linux.mount(source, target, kind, flags, options)
+
+    monkeypatch.setattr(snapshot, "mount", old_kernel)
+    for _ in range(2):
+        scratch = store.scratch()
+        with mounted_root([], scratch) as root:
+            assert not {"volatile", "fsync=volatile"} & set(_mount_options(root.merged))
+    assert ["volatile" in options.split(",") for options in tried] == [True, False, False]  # asked once
 
 
 def test_corrupt_blob_is_rejected_and_leaves_nothing(kind: str, store: Store) -> None:

@@ -30,6 +30,11 @@ from parser.errors import PybuildError
 SNAPSHOTTER_ENV = "PYBUILD_SNAPSHOTTER"
 # A mount's option string must fit in one page; the kernel stops at 500 layers anyway.
 _PAGE = 4096
+# Overlay mounts are volatile (Linux 5.10 and later): unmounting one otherwise syncs the whole filesystem
+# its upper dir lives on, every dirty page of every process, so a step's end waited on all the machine's
+# writes. What a step made goes on as a layer blob (written and fsynced) and a snapshot, which is a cache
+# as an unpacked layer is; a RUN's fsync calls cost nothing either, as in Buildah's build containers.
+_volatile = True  # cleared when this kernel refuses the option
 _DIFF_ID = re.compile(r"sha256:[0-9a-f]{64}")
 # Where each kind of snapshotter keeps its snapshots (Snapshotter.store_name): one store may hold several.
 _STORE_NAMES = ("overlay", "overlay-userxattr", "copy")
@@ -73,31 +78,39 @@ def in_user_namespace() -> bool:
     return uid_map != ["0", "0", "4294967295"]
 
 
-def _overlay_options(lowers: Sequence[int], upper: int, work: int, userxattr: bool) -> str:
+def _overlay_options(lowers: Sequence[int], upper: int, work: int, userxattr: bool, volatile: bool) -> str:
     # Paths through /proc/self/fd keep each layer to ~18 bytes of the one-page option string, and
     # need no escaping of ':' or ','. Renamed dirs must be copied (redirect_dir=off) and files copied
     # whole (metacopy=off), or the upper dir would not hold the complete change; userxattr implies
     # both (and refuses them spelled out).
     lowerdir = ":".join(f"/proc/self/fd/{fd}" for fd in lowers)
     options = f"lowerdir={lowerdir},upperdir=/proc/self/fd/{upper},workdir=/proc/self/fd/{work},index=off"
-    return options + (",userxattr" if userxattr else ",redirect_dir=off,metacopy=off")
+    options += ",userxattr" if userxattr else ",redirect_dir=off,metacopy=off"
+    return options + (",volatile" if volatile else "")
 
 
 @contextlib.contextmanager
 def _overlay(lowers: Sequence[Path], upper: Path, work: Path, merged: Path, userxattr: bool) -> Iterator[None]:
     """Overlayfs of ``lowers`` (bottom-up) and ``upper`` mounted on ``merged``, unmounted on exit."""
+    global _volatile
     fds: list[int] = []
     try:
         for path in (*reversed(lowers), upper, work):
             fds.append(os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
-        options = _overlay_options(fds[:-2], fds[-2], fds[-1], userxattr)
-        if len(options) >= _PAGE:
-            raise PybuildError(f"an image with {len(lowers)} layers is too deep to mount here")
-        try:
-            mount("overlay", merged, "overlay", 0, options)
-        except OSError as exc:
-            raise PybuildError(f"cannot mount overlayfs on {merged}: {exc.strerror}",
-                               hint=f"set {SNAPSHOTTER_ENV}=copy to copy layers instead") from None
+        while True:
+            volatile = _volatile
+            options = _overlay_options(fds[:-2], fds[-2], fds[-1], userxattr, volatile)
+            if len(options) >= _PAGE:
+                raise PybuildError(f"an image with {len(lowers)} layers is too deep to mount here")
+            try:
+                mount("overlay", merged, "overlay", 0, options)
+                break
+            except OSError as exc:
+                if volatile and exc.errno == errno.EINVAL:  # a kernel before 5.10: mount as it knows how
+                    _volatile = False
+                    continue
+                raise PybuildError(f"cannot mount overlayfs on {merged}: {exc.strerror}",
+                                   hint=f"set {SNAPSHOTTER_ENV}=copy to copy layers instead") from None
     finally:
         for fd in fds:
             os.close(fd)
