@@ -135,11 +135,11 @@ def free_unused(images: ImageStoreLike, snapshots: SnapshotsLike, cache_root: Pa
     # such a manifest is reported by its digest, as its ID stays
     stored_images = images.list() if unnamed_images else []
     named_ids = {stored.image_id for stored in stored_images if stored.names}
-    unnamed = tuple(stored.manifest.digest if stored.image_id in named_ids else stored.image_id
-                    for stored in stored_images if not stored.names)
+    removed_images = []
     for stored in stored_images:
         if not stored.names:
             images.remove(stored.manifest.digest)
+            removed_images.append(stored.manifest.digest if stored.image_id in named_ids else stored.image_id)
     dropped = evicted
     mount_bytes = 0
     if drop_cache:
@@ -152,4 +152,4 @@ def free_unused(images: ImageStoreLike, snapshots: SnapshotsLike, cache_root: Pa
     blobs, blob_bytes = images.gc(keep=kept_blobs, grace_seconds=0)
     used = {layer.diff_id for stored in images.list() for layer in stored.image.layers} | kept_layers
     removed, snapshot_bytes = snapshots.remove_unused(used)
-    return Freed(unnamed, dropped, blobs, removed, blob_bytes + snapshot_bytes + mount_bytes)
+    return Freed(tuple(removed_images), dropped, blobs, removed, blob_bytes + snapshot_bytes + mount_bytes)

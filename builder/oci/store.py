@@ -391,21 +391,23 @@ class ImageStore:
 
     def image_id(self, reference: str) -> str:
         """The image ID (config digest) ``reference`` names, also where it is stored as several manifests."""
-        ids = {self._config_digest(digest) for digest in self._find_all(reference, self.entries())}
-        if len(ids) > 1:
-            raise _ambiguous(reference, len(ids))
-        return ids.pop()
+        return self._config_digest(self._one_image(reference, self.entries())[0])
 
     def _find(self, reference: str, entries: Sequence[Descriptor]) -> str:
         """The manifest digest of ``reference`` among index entries."""
+        found = self._one_image(reference, entries)
+        if len(found) > 1:  # one image ID, stored as several manifests (its layers compressed differently)
+            raise PybuildError(f"image ID {self._config_digest(found[0])} is stored as {len(found)} manifests "
+                               f"({', '.join(found)}); name one by its name or manifest digest")
+        return found[0]
+
+    def _one_image(self, reference: str, entries: Sequence[Descriptor]) -> list[str]:
+        """The manifest digests of the one image ``reference`` names: several where that image is stored in
+        several compressions; an ID prefix that several images share is an error."""
         found = self._find_all(reference, entries)
-        if len(found) == 1:
-            return found[0]
-        ids = {self._config_digest(digest) for digest in found}
-        if len(ids) == 1:  # one image ID, stored as several manifests (its layers compressed differently)
-            raise PybuildError(f"image ID {ids.pop()} is stored as {len(found)} manifests ({', '.join(found)}); "
-                               "name one by its name or manifest digest")
-        raise _ambiguous(reference, len(ids))
+        if len(found) > 1 and (images := len({self._config_digest(digest) for digest in found})) > 1:
+            raise _ambiguous(reference, images)
+        return found
 
     def _find_all(self, reference: str, entries: Sequence[Descriptor]) -> list[str]:
         """The manifest digests ``reference`` names: one for a name or a manifest digest, every manifest whose
@@ -461,9 +463,7 @@ class ImageStore:
         removed: list[str] = []
 
         def change(entries: list[Descriptor]) -> list[Descriptor]:
-            digests = self._find_all(reference, entries)
-            if (count := len({self._config_digest(digest) for digest in digests})) > 1:
-                raise _ambiguous(reference, count)
+            digests = self._one_image(reference, entries)
             parsed = parse_reference(reference) if _REFERENCE.fullmatch(reference) else None
             by_name = parsed is not None and parsed.digest is None and any(
                 _ref_name(entry) == parsed.name for entry in entries)
