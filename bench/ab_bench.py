@@ -25,21 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import peer_state
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("case", help="a case of the peer benchmark: trivial, a-multistage, b-srcrepo, c-manysteps")
+    peer_state.add_arguments(parser)
     parser.add_argument("a", help="the first pybuild program (the baseline)")
     parser.add_argument("b", help="the second pybuild program")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--state", type=Path, default=Path(os.environ.get("BENCH_STATE", "/tmp/peer-bench")),
-                        help="the peer benchmark's state dir (contexts, fixtures)")
     args = parser.parse_args()
-    context = args.state / "contexts" / args.case
-    base = args.state / "fixtures" / "busybox-base.pybuild.oci.tar"
-    for path in (context, base):
-        if not path.exists():
-            sys.exit(f"error: {path} is missing: run bench/peer_bench.sh once to make the contexts and the base")
+    context, base = peer_state.case_inputs(args)
     programs = {"A": args.a, "B": args.b}
     seconds: dict[str, list[float]] = {"A": [], "B": []}
     cpu: dict[str, list[tuple[float, float]]] = {"A": [], "B": []}  # user, system
