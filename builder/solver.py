@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from builder.checks import check_mount, check_network
 from builder.fs.pending_layers import PendingLayers
@@ -37,6 +38,9 @@ from parser.dataclass import dataclass
 from parser.errors import PybuildError, SourceRange
 from parser.flags import Mount, mount_id, mount_mode, mount_size
 from parser.instructions import Add, Copy, Instruction, parse
+
+if TYPE_CHECKING:
+    from builder.fs.copy import PreviousLayer
 
 IMAGE_CONTEXT_PREFIXES = ("docker-image://", "oci-layout:", "oci-archive:")
 
@@ -352,7 +356,14 @@ class StepContext:
             cause = refused or cache.explain(place, self.stage, key, inputs)
             if cause is not None:
                 self.solver.progress.cache_miss(self.current_step, cause)
-        layer = self.execute(state, step.op, independent)
+        previous = None
+        if refused is None and isinstance(step.op, CopyOp | DirectoryOp):
+            from builder.fs.copy import PreviousLayer
+
+            snapshot = cache.previous_snapshot(place, self.stage)
+            if snapshot is not None:
+                previous = PreviousLayer(snapshot, self.solver.options.source_date_epoch)
+        layer = self.execute(state, step.op, independent, previous)
         if key is not None:
             cache.store(key, layer)
             if content_key is not None:
@@ -491,15 +502,20 @@ class StepContext:
         sources = {name: value for name, value in inputs["sources"].items() if name != "from"}
         return step_key({**inputs, "files": {**inputs["files"], **files}, "sources": {**sources, "from": "content"}})
 
-    def execute(self, state: StageState, op: FilesystemOp, independent: bool) -> oci.Layer | None:
-        """Carry out a filesystem step: the layer it made, or None when it changed no file."""
+    def execute(self, state: StageState, op: FilesystemOp, independent: bool,
+                previous: PreviousLayer | None = None) -> oci.Layer | None:
+        """Carry out a filesystem step: the layer it made, or None when it changed no file.
+
+        ``previous``: the layer a copy made in the previous build, whose unchanged files it links instead
+        of writing them again.
+        """
         if isinstance(op, RunOp):
             return self.run(state, op)
         if isinstance(op, CopyOp):
-            return self.copy(state, op)
+            return self.copy(state, op, previous)
         if isinstance(op, WorkdirOp):
             return self.make_workdir(state, op)
-        return self._directory_layer(op)
+        return self._directory_layer(op, previous)
 
     # Images and sources
 
@@ -530,13 +546,13 @@ class StepContext:
             state = replace(state, image=state.image.add_history(state.history(f"FROM {resolved}", empty_layer=True)))
         return state, "done"
 
-    def _directory_layer(self, op: DirectoryOp) -> oci.Layer | None:
+    def _directory_layer(self, op: DirectoryOp, previous: PreviousLayer | None) -> oci.Layer | None:
         """FROM a named context that is a directory: its files are the image's root filesystem."""
         from builder.fs.context import BuildContext
         from builder.fs.copy import copy_into
 
         def action(layer_dir: Path) -> None:
-            copy_into(layer_dir, ["."], "/", source=BuildContext(Path(op.directory)))
+            copy_into(layer_dir, ["."], "/", source=BuildContext(Path(op.directory)), reuse_from=previous)
 
         return self.change(scratch_state(self.solver.created), action, direct=True)
 
@@ -704,7 +720,7 @@ class StepContext:
 
         return self.change(state, action)
 
-    def copy(self, state: StageState, op: CopyOp) -> oci.Layer | None:
+    def copy(self, state: StageState, op: CopyOp, previous: PreviousLayer | None = None) -> oci.Layer | None:
         """COPY and ADD write straight into a fresh layer dir, reading the image only to place files.
 
         Creating files through an overlay mount costs about ten times what it costs in a plain
@@ -736,7 +752,7 @@ class StepContext:
                               chmod=expanded.chmod, parents=getattr(expanded, "parents", False),
                               excludes=expanded.excludes, is_add=is_add,
                               checksum=getattr(expanded, "checksum", None),
-                              keep_git_dir=bool(getattr(expanded, "keep_git_dir", False)))
+                              keep_git_dir=bool(getattr(expanded, "keep_git_dir", False)), reuse_from=previous)
 
             return self.change(state, action, independent=expanded.link, direct=True)
 

@@ -232,6 +232,19 @@ class StepCache:
         """Whether the previous build of this Dockerfile and target had this step (a rebuild, not a first build)."""
         return self._previous_step(place, stage) is not None
 
+    def previous_snapshot(self, place: str, stage: Stage) -> Path | None:
+        """The files of the layer this step made in the previous build of this Dockerfile and target, where the
+        store still has them unpacked (a copy links what did not change from there)."""
+        previous = self._previous_step(place, stage)
+        key = previous.get("key") if isinstance(previous, dict) else None
+        try:
+            result = self.index.get(key) if isinstance(key, str) else None
+        except ValueError:  # a record of another shape
+            return None
+        if result is None or result.diff_id is None or not self.snapshots.has(result.diff_id):
+            return None
+        return self.snapshots.path(result.diff_id)
+
     def explain(self, place: str, stage: Stage, key: str | None, inputs: dict[str, Any]) -> MissCause | None:
         """Why a step runs that the previous build of this Dockerfile and target had cached; None if it had not."""
         previous = self._previous_step(place, stage)

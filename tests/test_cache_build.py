@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -593,6 +594,47 @@ def test_no_cache_reruns_every_step_and_builds_the_same_image(base_archive: Path
     again = project.store.build(project.context)
     assert manifest_digest(again) == manifest_digest(first)
     assert_outcomes(again, APP, (HIT,) * 3)
+
+
+def _store_files(store: Pybuild) -> dict[Path, tuple[int, int]]:
+    """Every regular file of the store's snapshots, with its device and inode."""
+    return {path: (st.st_dev, st.st_ino) for path in (store.root / "snapshots").rglob("*")
+            if stat.S_ISREG((st := path.lstat()).st_mode)}
+
+
+def _layer_with(store: Pybuild, name: str, text: str) -> Path:
+    """The snapshot holding ``name`` with ``text``: the layer a copy made."""
+    found = [path.parents[len(Path(name).parts) - 1] for path in (store.root / "snapshots").rglob(Path(name).name)
+             if str(path).endswith(name) and path.read_text() == text]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_copy_that_reruns_links_the_files_its_previous_layer_holds(base_archive: Path, tmp_path: Path) -> None:
+    """One file of a copied tree edited: the new layer links the others from the one the previous build made,
+    so it makes no inode for them, and the image is still the one a cold build makes; --no-cache links none."""
+    dockerfile = "FROM busybox-base\nCOPY src /src\nRUN cat /src/* > /all\n"
+    project = app_project(tmp_path, base_archive, dockerfile, **{f"src/f{n}.txt": f"file {n}\n" for n in range(20)})
+    project.store.build(project.context)
+    before = set(_store_files(project.store).values())
+
+    (project.context / "src" / "f3.txt").write_text("edited\n")
+    rebuilt = project.store.build(project.context)
+    assert_outcomes(rebuilt, dockerfile, (miss("file src/f3.txt changed"), PARENT))
+    layer = _layer_with(project.store, "src/f3.txt", "edited\n")
+    linked = {str(path.relative_to(layer)) for path, inode in _store_files(project.store).items()
+              if path.is_relative_to(layer) and inode in before}
+    assert linked == {f"src/f{n}.txt" for n in range(20) if n != 3}
+    cold = cold_build(project, project.context, tmp_path, ("busybox-base",))
+    assert manifest_digest(rebuilt) == manifest_digest(cold)
+
+    before = set(_store_files(project.store).values())
+    (project.context / "src" / "f4.txt").write_text("edited too\n")
+    forced = project.store.build(project.context, "--no-cache")
+    assert_outcomes(forced, dockerfile, (NO_CACHE, NO_CACHE))
+    layer = _layer_with(project.store, "src/f4.txt", "edited too\n")
+    assert not any(path.is_relative_to(layer) and inode in before
+                   for path, inode in _store_files(project.store).items())
 
 
 def test_json_progress_reports_hits_and_the_cause_of_each_miss(base_archive: Path, tmp_path: Path) -> None:

@@ -9,10 +9,11 @@ import http.server
 import io
 import lzma
 import os
+import stat
 import tarfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ import pytest
 import zstandard
 
 from builder.fs.context import BuildContext, SourceTree
-from builder.fs.copy import container_path, copy_into, make_directory, parse_chmod, write_inline
+from builder.fs.copy import PreviousLayer, container_path, copy_into, make_directory, parse_chmod, write_inline
+from builder.fs.layer import write_layer
 from parser.errors import PybuildError
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="COPY sets owners (lchown), which needs root")
@@ -309,6 +311,106 @@ def test_times_and_hardlinks_are_kept(tmp_path: Path) -> None:
     assert (root / "d/sub").stat().st_mtime == MTIME + 5  # set after its contents were written
     assert (root / "d/a").stat().st_ino == (root / "d/b").stat().st_ino
     assert (root / "d/a").stat().st_nlink == 2
+
+
+# --- a copy that links what the previous build's layer already holds ----------------------------------------
+
+AFTER = MTIME + 100  # a time the clamp to an epoch at MTIME brings back to MTIME
+
+
+def _edit_same_size(context: Path) -> None:
+    (context / "a").write_text("z")
+    os.utime(context / "a", (MTIME, MTIME))
+
+
+def _split_link(context: Path) -> None:
+    """b stops being a hardlink of a: a file of its own, with the same content, owner and time."""
+    (context / "b").unlink()
+    make_tree(context, {"b": "x"})
+
+
+def _set_xattr(snapshot: Path) -> None:
+    if not _xattrs_supported(snapshot / "a"):  # which leaves an xattr on it
+        pytest.skip("the temporary directory's filesystem has no user xattrs")
+
+
+@dataclass(frozen=True)
+class Reuse:
+    """A copy made and clamped as a build's layer, ``change`` to the context (and ``tamper`` to that layer), then
+    the same copy again linking from it: which files it linked, and that it made the layer a fresh copy makes."""
+
+    id: str
+    linked: frozenset[str]
+    change: Callable[[Path], object] = lambda context: None
+    tamper: Callable[[Path], object] = lambda snapshot: None
+    context: Spec = field(default_factory=lambda: {"a": "x", "d/b": "y"})
+    before: Mapping[str, Any] = field(default_factory=dict)  # copy_into options of the previous build
+    options: Mapping[str, Any] = field(default_factory=dict)  # and of this one
+    epoch: int = MTIME + 1_000  # source_date_epoch: above the files' times, which stay as they are
+
+
+REUSES = [
+    Reuse("unchanged", frozenset({"a", "d/b"})),
+    Reuse("edited-same-size-and-time", frozenset({"d/b"}), change=_edit_same_size),
+    Reuse("mode-changed", frozenset({"d/b"}), change=lambda context: (context / "a").chmod(0o755)),
+    Reuse("chmod-sets-the-mode", frozenset({"a", "d/b"}), change=lambda context: (context / "a").chmod(0o755),
+          before={"chmod": "600"}, options={"chmod": "600"}),
+    Reuse("chmod-changed", frozenset(), before={"chmod": "600"}, options={"chmod": "640"}),
+    Reuse("chown-changed", frozenset(), before={"chown": (1, 1)}, options={"chown": (2, 2)}),
+    Reuse("touched", frozenset({"d/b"}), change=lambda context: os.utime(context / "a", (AFTER, AFTER))),
+    Reuse("touched-past-the-epoch", frozenset({"a", "d/b"}),
+          change=lambda context: os.utime(context / "a", (AFTER, AFTER)), epoch=MTIME),
+    Reuse("hardlink-kept", frozenset({"a", "b"}), context={"a": "x", "b": H("a")}),
+    Reuse("hardlink-split", frozenset({"a"}), change=_split_link, context={"a": "x", "b": H("a")}),
+    Reuse("file-became-symlink", frozenset({"d/b"}), change=lambda context: (
+        (context / "a").unlink(), (context / "a").symlink_to("d/b"))),
+    Reuse("gone-from-the-snapshot", frozenset({"d/b"}), tamper=lambda snapshot: (snapshot / "a").unlink()),
+    Reuse("xattr-in-the-snapshot", frozenset({"d/b"}), tamper=_set_xattr),
+]
+
+
+def _regular_files(root: Path) -> dict[str, tuple[int, int]]:
+    """Each regular file below ``root``, by its path there, with its device and inode."""
+    return {str(path.relative_to(root)): (st.st_dev, st.st_ino)
+            for path in root.rglob("*") if stat.S_ISREG((st := path.lstat()).st_mode)}
+
+
+def _hardlinked(files: Mapping[str, tuple[int, int]]) -> set[frozenset[str]]:
+    """The groups of names that are one file."""
+    groups: dict[tuple[int, int], set[str]] = {}
+    for name, inode in files.items():
+        groups.setdefault(inode, set()).add(name)
+    return {frozenset(names) for names in groups.values() if len(names) > 1}
+
+
+def _layer(root: Path, epoch: int) -> str:
+    layer = write_layer(root, None, compression="zstd", source_date_epoch=epoch)
+    assert layer is not None
+    return layer.diff_id
+
+
+@pytest.mark.parametrize("case", REUSES, ids=[case.id for case in REUSES])
+def test_copy_links_the_previous_layers_identical_files(case: Reuse, tmp_path: Path) -> None:
+    context = make_tree(tmp_path / "context", case.context)
+    previous = make_tree(tmp_path / "previous", {}, owner=(0, 0))
+    copy_into(previous, ["."], "/app", source=BuildContext(context), **case.before)
+    _layer(previous, case.epoch)  # clamps its times, as a step's layer dir is before it becomes a snapshot
+    case.change(context)
+    case.tamper(previous / "app")
+
+    fresh = make_tree(tmp_path / "fresh", {}, owner=(0, 0))
+    copy_into(fresh, ["."], "/app", source=BuildContext(context), **case.options)
+    reusing = make_tree(tmp_path / "reusing", {}, owner=(0, 0))
+    copy_into(reusing, ["."], "/app", source=BuildContext(context), **case.options,
+              reuse_from=PreviousLayer(previous, case.epoch))
+
+    donors = set(_regular_files(previous).values())
+    reused, made = _regular_files(reusing / "app"), _regular_files(fresh / "app")
+    assert {name for name, inode in reused.items() if inode in donors} == case.linked
+    assert listing(reusing) == listing(fresh)
+    # a hardlink the previous build had joins no files that are separate now, and one kept stays
+    assert _hardlinked(reused) == _hardlinked(made)
+    assert _layer(reusing, case.epoch) == _layer(fresh, case.epoch)
 
 
 def _xattrs_supported(path: Path) -> bool:

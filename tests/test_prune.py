@@ -51,6 +51,35 @@ def test_unused_snapshots_of_every_snapshotter_go_and_nothing_else(tmp_path: Pat
     assert not (tmp_path / "snapshots" / "copy" / unused_copy.removeprefix("sha256:")).exists()
 
 
+def _disk(*trees: Path) -> int:
+    """Bytes the trees take together: each inode's blocks once."""
+    blocks = {}
+    for tree in trees:
+        for path in (tree, *tree.rglob("*")):
+            st = path.lstat()
+            blocks[(st.st_dev, st.st_ino)] = st.st_blocks * 512
+    return sum(blocks.values())
+
+
+def test_a_file_two_snapshots_share_counts_once_and_removing_both_frees_it(tmp_path: Path) -> None:
+    """A copy links unchanged files from the layer it made before: the snapshots' sizes add up to the disk they
+    take, and removing them reports what it freed."""
+    snapshots = Snapshots(tmp_path / "snapshots")
+    first = fake_snapshot(tmp_path / "snapshots" / "overlay", "first")
+    second = fake_snapshot(tmp_path / "snapshots" / "overlay", "second")
+    data = snapshots.path(first) / "etc" / "data"
+    os.link(data, snapshots.path(first) / "etc" / "alias")  # a hardlink within the layer
+    os.link(data, snapshots.path(second) / "etc" / "shared")
+    taken = _disk(snapshots.path(first), snapshots.path(second))
+    data_bytes = data.stat().st_blocks * 512
+    assert data_bytes > 0
+
+    # (a share is rounded down to a whole byte)
+    assert taken - 1 <= snapshots.size(first) + snapshots.size(second) <= taken
+    assert snapshots.size(second) == _disk(snapshots.path(second)) - data_bytes + data_bytes // 3
+    assert snapshots.remove_unused(set()) == (2, taken)
+
+
 def test_a_removal_cut_short_leaves_no_partial_layer_under_its_name(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer is renamed away before its tree is deleted; what a killed removal leaves, the next sweep clears."""

@@ -36,6 +36,7 @@ import zstandard
 from builder.fs.context import BuildContext, PathMatcher, SourceMatch, SourceTree, has_wildcards, resolve_in_root
 from builder.fs.untar import extract_tar, open_archive
 from builder.sandbox.namespace import check_mapped
+from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
 _OCTAL = re.compile(r"[0-7]+")
@@ -47,6 +48,15 @@ _URL_MODE = 0o600  # Docker's mode for a downloaded file
 _INLINE_MODE = 0o644  # BuildKit's mode for a heredoc file
 _DIR_MODE = 0o755  # directories COPY creates on its own (missing parents, the destination)
 _DOWNLOAD_TIMEOUT = 60
+
+
+@dataclass
+class PreviousLayer:
+    """The snapshot of the layer a copy made in the previous build, as ``write_layer`` left it: its times
+    clamped to ``source_date_epoch``, so a file there is compared with what its time becomes."""
+
+    snapshot: Path
+    source_date_epoch: int
 
 
 def parse_chmod(chmod: str | None, verb: str = "COPY") -> int | None:
@@ -90,10 +100,16 @@ def make_directory(root: Path, path: str, *, owner: tuple[int, int] | None = Non
 
 
 class _Placer:
-    """The writes of one COPY into the destination root: owners, modes, hardlinks, directory metadata."""
+    """The writes of one COPY into the destination root: owners, modes, hardlinks, directory metadata.
+
+    ``reuse_from`` is the layer this step made in the previous build, laid out as ``root``: a file there
+    that is what the copy would write, byte for byte and in every attribute a layer records, is linked
+    instead of written. A link makes no inode, and making inodes is what a copy of many small files waits
+    on where the filesystem is busy; snapshots are never written to, so sharing their files is safe.
+    """
 
     def __init__(self, root: Path, *, verb: str, owner: tuple[int, int] | None, mode: int | None,
-                 copy_xattrs: bool) -> None:
+                 copy_xattrs: bool, reuse_from: PreviousLayer | None = None) -> None:
         if owner is not None:
             check_mapped(*owner, f"{verb} --chown")
         self.root = Path(root)
@@ -102,6 +118,10 @@ class _Placer:
         self.mode = mode
         self.copy_xattrs = copy_xattrs
         self.links: dict[tuple[int, int], Path] = {}
+        self.reuse_from = reuse_from
+        # donor inode -> the source inode it stands for: one donor serves one source file, or a hardlink
+        # the previous build had would join files that are separate now
+        self.donors: dict[tuple[int, int], tuple[int, int]] = {}
         # Directory metadata is applied last: filling a directory changes its times again.
         self.dir_metadata: dict[Path, tuple[Path, os.stat_result]] = {}
 
@@ -184,6 +204,8 @@ class _Placer:
     def _write_file(self, src: Path, st: os.stat_result, target: Path) -> None:
         reader = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
+            if self.reuse_from is not None and self._link_donor(reader, st, target):
+                return
             writer = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 _copy_data(reader, writer)
@@ -197,6 +219,33 @@ class _Placer:
                 os.close(writer)
         finally:
             os.close(reader)
+
+    def _link_donor(self, reader: int, st: os.stat_result, target: Path) -> bool:
+        """Link the previous snapshot's file to ``target`` if it is the file this copy would write."""
+        assert self.reuse_from is not None
+        donor = self.reuse_from.snapshot / target.relative_to(self.root)
+        try:
+            found = os.lstat(donor)
+        except OSError:
+            return False
+        mtime_ns = min(st.st_mtime_ns, self.reuse_from.source_date_epoch * 1_000_000_000)
+        if not (stat.S_ISREG(found.st_mode) and found.st_size == st.st_size and found.st_mtime_ns == mtime_ns
+                and stat.S_IMODE(found.st_mode) == self._mode(st)
+                and (found.st_uid, found.st_gid) == (self.owner or (0, 0))):
+            return False
+        donor_key, source_key = (found.st_dev, found.st_ino), (st.st_dev, st.st_ino)
+        if self.donors.get(donor_key, source_key) != source_key:
+            return False
+        try:
+            if os.listxattr(donor, follow_symlinks=False) or (self.copy_xattrs and os.listxattr(reader)):
+                return False
+            if not _same_content(reader, donor, st.st_size):
+                return False
+            os.link(donor, target, follow_symlinks=False)
+        except OSError:  # gone meanwhile (pruned), another filesystem, too many links: write it
+            return False
+        self.donors[donor_key] = source_key
+        return True
 
     def _set_metadata(self, src: Path, st: os.stat_result, target: Path) -> None:
         os.lchown(target, *(self.owner or (0, 0)))
@@ -273,6 +322,22 @@ def _copy_xattrs(src: int | Path, dst: int | Path) -> None:
             # BuildKit logs and goes on, and so does the copy here.
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
                 raise
+
+
+def _same_content(reader: int, other: Path, size: int) -> bool:
+    """Whether the open file ``reader`` and the file ``other`` hold the same ``size`` bytes."""
+    fd = os.open(other, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        offset = 0
+        while True:
+            mine = os.pread(reader, _CHUNK, offset)
+            if mine != os.pread(fd, _CHUNK, offset):
+                return False
+            if not mine:
+                return offset == size
+            offset += len(mine)
+    finally:
+        os.close(fd)
 
 
 def _copy_data(reader: int, writer: int) -> None:
@@ -369,17 +434,18 @@ def _pivot(source: str, verb: str) -> tuple[str, str]:
 def copy_into(dest_root: Path, sources: Sequence[str], dest: str, *, source: SourceTree | Path, workdir: str = "/",
               chown: tuple[int, int] | None = None, chmod: str | None = None, parents: bool = False,
               excludes: Sequence[str] = (), is_add: bool = False, checksum: str | None = None,
-              keep_git_dir: bool = False) -> None:
+              keep_git_dir: bool = False, reuse_from: PreviousLayer | None = None) -> None:
     """Apply one COPY (or ADD, with ``is_add``) to the root filesystem at ``dest_root``.
 
     ``source`` is where relative sources are read: the build context, or a stage's or image's root
     filesystem (``COPY --from``). ``chown`` comes from ``users.resolve_chown``. ``keep_git_dir`` only
-    concerns git sources, which ADD does not support yet.
+    concerns git sources, which ADD does not support yet. ``reuse_from``: a snapshot whose identical
+    files are linked rather than written (see ``_Placer``).
     """
     verb = "ADD" if is_add else "COPY"
     tree = source if isinstance(source, SourceTree) else SourceTree(Path(source))
     placer = _Placer(Path(dest_root), verb=verb, owner=chown, mode=parse_chmod(chmod, verb),
-                     copy_xattrs=not isinstance(tree, BuildContext))
+                     copy_xattrs=not isinstance(tree, BuildContext), reuse_from=reuse_from)
     exclude = PathMatcher(excludes, origin=f"{verb} --exclude") if excludes else None
     if is_add:
         for item in sources:

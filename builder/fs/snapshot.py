@@ -15,6 +15,7 @@ import hashlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -312,7 +313,7 @@ class Snapshots:
 
     def size(self, diff_id: str) -> int:
         """Bytes the layer's snapshot takes on disk."""
-        return _tree_size(self.path(diff_id))
+        return _tree_size(self.path(diff_id))[0]
 
     def remove_unused(self, used: Collection[str]) -> tuple[int, int]:
         """Remove every snapshot, of any snapshotter, whose diff_id is not in ``used``; returns (count, bytes).
@@ -326,7 +327,7 @@ class Snapshots:
             for snapshot in sorted(store.iterdir()):
                 if not _DIFF_ID.fullmatch("sha256:" + snapshot.name) or "sha256:" + snapshot.name in used:
                     continue
-                size = _tree_size(snapshot)
+                _, size = _tree_size(snapshot)
                 doomed = self.unpacking() / f"remove-{os.getpid()}-{snapshot.name}"
                 os.rename(snapshot, doomed)
                 shutil.rmtree(doomed)
@@ -344,14 +345,27 @@ class Snapshots:
         return final
 
 
-def _tree_size(top: Path) -> int:
-    """Bytes a tree takes on disk (allocated blocks; hard links counted once)."""
-    seen: set[tuple[int, int]] = set()
+def _tree_size(top: Path) -> tuple[int, int]:
+    """Bytes a tree takes on disk (allocated blocks), and those removing it would free.
+
+    A file with several names counts for the share of them it has here: a copy links the unchanged files
+    of the layer it made before, so two snapshots may hold one file, which the store's total counts once.
+    Removing a tree frees only the files that have no name elsewhere.
+    """
+    shared: dict[tuple[int, int], list] = {}  # inode: [its stat, its names here]
     total = 0
     for directory, subdirs, files in os.walk(top):
         for name in (".", *files, *subdirs):  # a symlink to a dir is listed with the dirs
-            stat = os.lstat(os.path.join(directory, name))
-            if (stat.st_dev, stat.st_ino) not in seen:
-                seen.add((stat.st_dev, stat.st_ino))
-                total += stat.st_blocks * 512
-    return total
+            st = os.lstat(os.path.join(directory, name))
+            if stat.S_ISDIR(st.st_mode):
+                if name == ".":  # not also as its parent's entry
+                    total += st.st_blocks * 512
+            elif st.st_nlink == 1:
+                total += st.st_blocks * 512
+            else:
+                shared.setdefault((st.st_dev, st.st_ino), [st, 0])[1] += 1
+    freed = total
+    for st, names in shared.values():
+        total += st.st_blocks * 512 * min(names, st.st_nlink) // st.st_nlink
+        freed += st.st_blocks * 512 if names >= st.st_nlink else 0
+    return total, freed
