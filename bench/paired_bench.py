@@ -25,8 +25,9 @@ import sys
 import time
 from pathlib import Path
 
+import peer_state
+
 REPO = Path(__file__).resolve().parents[1]
-PEER = Path(os.environ.get("PEER_BENCH_DIR", REPO.parent / "shared" / "bench"))  # its gen-contexts.sh edits b-srcrepo
 
 
 def run(argv: list[str], env: dict[str, str]) -> None:
@@ -93,8 +94,6 @@ def main() -> None:
                                     str(context / "Dockerfile"), str(context)]),
     }
     times: dict[str, list[float]] = {name: [] for name in builds}
-    contexts_tool = [str(PEER / "gen-contexts.sh")]
-    context_env = {**os.environ, "BENCH_STATE": str(args.state)}
     try:
         if args.phase != "cold":
             for clean, argv in builds.values():
@@ -103,7 +102,7 @@ def main() -> None:
                 run(argv, env)  # a first rebuild settles what the first build left (caches, page cache)
         for number in range(args.rounds):
             if args.phase == "incr":  # the same edit for both builders of the round
-                run([*contexts_tool, "mutate", f"paired{number}"], context_env)
+                peer_state.edit_source(args.state, f"paired{number}")
             order = list(builds) if number % 2 == 0 else list(reversed(builds))
             for name in order:
                 clean, argv = builds[name]
@@ -115,7 +114,7 @@ def main() -> None:
             print(f"round {number + 1}: " + "  ".join(f"{name} {times[name][-1]:.3f}" for name in builds), flush=True)
     finally:
         if args.phase == "incr":
-            run([*contexts_tool, "restore"], context_env)
+            peer_state.edit_source(args.state, None)
     ratios = [mine / theirs for mine, theirs in zip(times["pybuild"], times["buildkit"], strict=True)]
     print(f"\n{args.case}, {args.phase}, {args.rounds} rounds, seconds (median, min..max):")
     for name, values in times.items():

@@ -1,12 +1,16 @@
 """What the pybuild-against-pybuild benchmarks take from the peer benchmark's state dir: a case's context and
-the loaded base image's archive (bench/peer_bench.sh makes both)."""
+the loaded base image's archive (bench/peer_bench.sh makes both), and its tool's edit of b-srcrepo."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEER = Path(os.environ.get("PEER_BENCH_DIR", REPO.parent / "shared" / "bench"))  # its gen-contexts.sh edits b-srcrepo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,3 +28,11 @@ def case_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
         if not path.exists():
             sys.exit(f"error: {path} is missing: run bench/peer_bench.sh once to make the contexts and the base")
     return context, base
+
+
+def edit_source(state: Path, tag: str | None) -> None:
+    """Change one source file of b-srcrepo as the peer benchmark's incr phase does (``tag`` makes the edit
+    differ from the last); None puts the context back as it was."""
+    command = ["mutate", tag] if tag is not None else ["restore"]
+    subprocess.run([str(PEER / "gen-contexts.sh"), *command], env={**os.environ, "BENCH_STATE": str(state)},
+                   check=True, stdout=subprocess.DEVNULL)
