@@ -329,6 +329,12 @@ def _split_link(context: Path) -> None:
     make_tree(context, {"b": "x"})
 
 
+def _join(snapshot: Path) -> None:
+    """d/b made a second name of a, which it equals in every attribute."""
+    (snapshot / "d" / "b").unlink()
+    os.link(snapshot / "a", snapshot / "d" / "b")
+
+
 def _set_xattr(snapshot: Path) -> None:
     if not _xattrs_supported(snapshot / "a"):  # which leaves an xattr on it
         pytest.skip("the temporary directory's filesystem has no user xattrs")
@@ -362,6 +368,7 @@ REUSES = [
           change=lambda context: os.utime(context / "a", (AFTER, AFTER)), epoch=MTIME),
     Reuse("hardlink-kept", frozenset({"a", "b"}), context={"a": "x", "b": H("a")}),
     Reuse("hardlink-split", frozenset({"a"}), change=_split_link, context={"a": "x", "b": H("a")}),
+    Reuse("one-file-for-two-before", frozenset({"a"}), tamper=_join, context={"a": "x", "d/b": "x"}),
     Reuse("file-became-symlink", frozenset({"d/b"}), change=lambda context: (
         (context / "a").unlink(), (context / "a").symlink_to("d/b"))),
     Reuse("gone-from-the-snapshot", frozenset({"d/b"}), tamper=lambda snapshot: (snapshot / "a").unlink()),

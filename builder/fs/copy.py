@@ -119,9 +119,9 @@ class _Placer:
         self.copy_xattrs = copy_xattrs
         self.links: dict[tuple[int, int], Path] = {}
         self.reuse_from = reuse_from
-        # donor inode -> the source inode it stands for: one donor serves one source file, or a hardlink
-        # the previous build had would join files that are separate now
-        self.donors: dict[tuple[int, int], tuple[int, int]] = {}
+        # the inodes linked so far: each serves one target, or a hardlink the previous build had would join
+        # files that are separate now (names of one source file are linked by ``links``)
+        self.donors: set[tuple[int, int]] = set()
         # Directory metadata is applied last: filling a directory changes its times again.
         self.dir_metadata: dict[Path, tuple[Path, os.stat_result]] = {}
 
@@ -233,8 +233,8 @@ class _Placer:
                 and stat.S_IMODE(found.st_mode) == self._mode(st)
                 and (found.st_uid, found.st_gid) == (self.owner or (0, 0))):
             return False
-        donor_key, source_key = (found.st_dev, found.st_ino), (st.st_dev, st.st_ino)
-        if self.donors.get(donor_key, source_key) != source_key:
+        donor_key = (found.st_dev, found.st_ino)
+        if donor_key in self.donors:
             return False
         try:
             if os.listxattr(donor, follow_symlinks=False) or (self.copy_xattrs and os.listxattr(reader)):
@@ -244,7 +244,7 @@ class _Placer:
             os.link(donor, target, follow_symlinks=False)
         except OSError:  # gone meanwhile (pruned), another filesystem, too many links: write it
             return False
-        self.donors[donor_key] = source_key
+        self.donors.add(donor_key)
         return True
 
     def _set_metadata(self, src: Path, st: os.stat_result, target: Path) -> None:
