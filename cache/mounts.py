@@ -35,6 +35,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from cache.usage import tree_usage
 from parser.dataclass import dataclass
 from parser.errors import PybuildError
 
@@ -96,11 +97,11 @@ class CacheMounts:
             yield instance
 
     def usage(self) -> list[MountUsage]:
-        """Each cache id's directory with its size on disk (allocated blocks, hard links once)."""
+        """Each cache id's directory with the disk it takes (``cache.usage``)."""
         found = []
         for directory in self._ids():
             with contextlib.suppress(FileNotFoundError):  # removed meanwhile
-                found.append(MountUsage(directory, _tree_size(directory), _last_used(directory)))
+                found.append(MountUsage(directory, tree_usage(directory).taken, _last_used(directory)))
         return found
 
     def remove(self, older_than_seconds: float) -> tuple[int, int]:
@@ -309,7 +310,7 @@ def _remove_instance(directory: Path, number: int, cutoff: float) -> int | None:
         if not instance.is_dir():  # a claim whose creation failed: only its holders file is left
             os.unlink(holders)
             return None
-        size = _tree_size(instance)
+        size = tree_usage(instance).freed
         doomed = directory / f"remove-{os.getpid()}-{secrets.token_hex(8)}"
         os.rename(instance, doomed)
         os.unlink(holders)
@@ -336,24 +337,3 @@ def _last_used(directory: Path) -> float:
     """When an instance of the id was last taken or given back: its holders files are touched then."""
     with os.scandir(directory) as entries:
         return max((entry.stat().st_mtime for entry in entries if entry.name.endswith(".holders")), default=0.0)
-
-
-def _tree_size(top: Path) -> int:
-    """Bytes a tree takes on disk: its allocated blocks, a file with several hard links once."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    pending = [os.fspath(top)]
-    while pending:
-        path = pending.pop()
-        try:
-            info = os.lstat(path)
-            if (info.st_dev, info.st_ino) in seen:
-                continue
-            seen.add((info.st_dev, info.st_ino))
-            total += info.st_blocks * 512
-            if stat.S_ISDIR(info.st_mode):
-                with os.scandir(path) as entries:
-                    pending.extend(entry.path for entry in entries)
-        except FileNotFoundError:  # removed while being measured
-            continue
-    return total

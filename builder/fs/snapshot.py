@@ -15,7 +15,6 @@ import hashlib
 import os
 import re
 import shutil
-import stat
 import tempfile
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -313,7 +312,9 @@ class Snapshots:
 
     def size(self, diff_id: str) -> int:
         """Bytes the layer's snapshot takes on disk."""
-        return _tree_size(self.path(diff_id))[0]
+        from cache.usage import tree_usage  # only for the cache's housekeeping
+
+        return tree_usage(self.path(diff_id)).taken
 
     def remove_unused(self, used: Collection[str]) -> tuple[int, int]:
         """Remove every snapshot, of any snapshotter, whose diff_id is not in ``used``; returns (count, bytes).
@@ -321,13 +322,15 @@ class Snapshots:
         Each is first renamed out of the store, so a crash halfway never leaves a partial tree under a layer's
         name for a later build to mount; the next build's sweep removes what such a crash left.
         """
+        from cache.usage import tree_usage
+
         removed = freed = 0
         stores = [self.root / name for name in _STORE_NAMES if (self.root / name).is_dir()]
         for store in stores:
             for snapshot in sorted(store.iterdir()):
                 if not _DIFF_ID.fullmatch("sha256:" + snapshot.name) or "sha256:" + snapshot.name in used:
                     continue
-                _, size = _tree_size(snapshot)
+                size = tree_usage(snapshot).freed
                 doomed = self.unpacking() / f"remove-{os.getpid()}-{snapshot.name}"
                 os.rename(snapshot, doomed)
                 shutil.rmtree(doomed)
@@ -343,29 +346,3 @@ class Snapshots:
                 raise
             shutil.rmtree(source)  # the same layer, committed by someone else meanwhile
         return final
-
-
-def _tree_size(top: Path) -> tuple[int, int]:
-    """Bytes a tree takes on disk (allocated blocks), and those removing it would free.
-
-    A file with several names counts for the share of them it has here: a copy links the unchanged files
-    of the layer it made before, so two snapshots may hold one file, which the store's total counts once.
-    Removing a tree frees only the files that have no name elsewhere.
-    """
-    shared: dict[tuple[int, int], list] = {}  # inode: [its stat, its names here]
-    total = 0
-    for directory, subdirs, files in os.walk(top):
-        for name in (".", *files, *subdirs):  # a symlink to a dir is listed with the dirs
-            st = os.lstat(os.path.join(directory, name))
-            if stat.S_ISDIR(st.st_mode):
-                if name == ".":  # not also as its parent's entry
-                    total += st.st_blocks * 512
-            elif st.st_nlink == 1:
-                total += st.st_blocks * 512
-            else:
-                shared.setdefault((st.st_dev, st.st_ino), [st, 0])[1] += 1
-    freed = total
-    for st, names in shared.values():
-        total += st.st_blocks * 512 * min(names, st.st_nlink) // st.st_nlink
-        freed += st.st_blocks * 512 if names >= st.st_nlink else 0
-    return total, freed
