@@ -170,10 +170,6 @@ class StoredImage:
         return self.image.created
 
 
-def _ambiguous(reference: str, images: int) -> PybuildError:
-    return PybuildError(f"image ID prefix {reference!r} matches {images} images; give more digits")
-
-
 def _ref_name(entry: Descriptor) -> str | None:
     return dict(entry.annotations).get(REF_NAME_ANNOTATION)
 
@@ -406,7 +402,7 @@ class ImageStore:
         several compressions; an ID prefix that several images share is an error."""
         found = self._find_all(reference, entries)
         if len(found) > 1 and (images := len({self._config_digest(digest) for digest in found})) > 1:
-            raise _ambiguous(reference, images)
+            raise PybuildError(f"image ID prefix {reference!r} matches {images} images; give more digits")
         return found
 
     def _find_all(self, reference: str, entries: Sequence[Descriptor]) -> list[str]:
