@@ -38,8 +38,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--phase", choices=["cold", "incr"], default="cold")
     args = parser.parse_args()
-    if args.phase == "incr" and args.case != "b-srcrepo":
-        sys.exit("error: --phase incr changes a file of b-srcrepo; the other cases have no sources")
+    peer_state.check_phase(args)
     context, base = peer_state.case_inputs(args)
     programs = {"A": args.a, "B": args.b}
     seconds: dict[str, list[float]] = {"A": [], "B": []}

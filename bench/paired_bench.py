@@ -44,10 +44,8 @@ def timed(argv: list[str], env: dict[str, str]) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("case", help="a case of the peer benchmark: trivial, a-multistage, b-srcrepo, c-manysteps")
+    peer_state.add_arguments(parser)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--state", type=Path, default=Path(os.environ.get("BENCH_STATE", "/tmp/peer-bench")),
-                        help="the peer benchmark's state dir (contexts, fixtures)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait after cleaning")
     parser.add_argument("--phase", choices=["cold", "warm", "incr"], default="cold",
                         help="cold: each build on a cleaned builder; warm: each builder cleaned and built once, "
@@ -57,8 +55,7 @@ def main() -> None:
                         "by bench/install_pybuild.sh, as `pip install .` installs it)")
     parser.add_argument("--docker", default="/usr/bin/docker")
     args = parser.parse_args()
-    if args.phase == "incr" and args.case != "b-srcrepo":
-        sys.exit("error: --phase incr changes a file of b-srcrepo; the other cases have no sources")
+    peer_state.check_phase(args)
 
     context = args.state / "contexts" / args.case
     base_oci = args.state / "fixtures" / "busybox-base.pybuild.oci.tar"

@@ -1,5 +1,6 @@
-"""What the pybuild-against-pybuild benchmarks take from the peer benchmark's state dir: a case's context and
-the loaded base image's archive (bench/peer_bench.sh makes both), and its tool's edit of b-srcrepo."""
+"""What the benchmarks of one case take from the peer benchmark's state dir: the case as arguments, its context
+and the loaded base image's archive (bench/peer_bench.sh makes both), and its tool's edit of b-srcrepo for the
+incr phase."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("case", help="a case of the peer benchmark: trivial, a-multistage, b-srcrepo, c-manysteps")
     parser.add_argument("--state", type=Path, default=Path(os.environ.get("BENCH_STATE", "/tmp/peer-bench")),
                         help="the peer benchmark's state dir (contexts, fixtures)")
+
+
+def check_phase(args: argparse.Namespace) -> None:
+    """``--phase incr`` edits a source file of b-srcrepo: the other cases have none."""
+    if args.phase == "incr" and args.case != "b-srcrepo":
+        sys.exit("error: --phase incr changes a file of b-srcrepo; the other cases have no sources")
 
 
 def case_inputs(args: argparse.Namespace) -> tuple[Path, Path]:
